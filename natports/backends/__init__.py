@@ -1,0 +1,1 @@
+"""Ways of making the kernel (or a proxy) send new flows where the routes say."""

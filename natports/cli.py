@@ -1,0 +1,227 @@
+"""The `natports` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad input or usage."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import engine
+from .errors import InputError, NatportsError
+from .model import Mapping
+from .store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_STATE_DIR = "/var/lib/natports"
+DEFAULT_DOKKU_ROOT = "/home/dokku"
+DEFAULT_CONFIG = "/etc/natports/natports.toml"
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    click.echo(f"natports: {message}", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: F) -> F:
+    """Turn natports' exceptions into a message for people and the right exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InputError as exc:
+            for problem in exc.problems:
+                click.echo(problem, err=True)
+            sys.exit(2)
+        except NatportsError as exc:
+            _fail(exc.message, exc.hint, 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--state-dir",
+    envvar="NATPORTS_STATE_DIR",
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where app config and applied state live.",
+)
+@click.option(
+    "--dokku-root",
+    envvar="DOKKU_ROOT",
+    default=DEFAULT_DOKKU_ROOT,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Dokku's home, holding APP/CONTAINER.<proc>.<n> files.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    envvar="NATPORTS_CONFIG",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The operator's config file (host policy).",
+)
+@click.pass_context
+def main(ctx: click.Context, state_dir: Path, dokku_root: Path, config_path: Path) -> None:
+    """Public TCP/UDP ports for Dokku apps through kernel DNAT."""
+    ctx.obj = engine.Context(Store(state_dir), dokku_root, config_path)
+
+
+def _read_input(source: str) -> tuple[bytes, str]:
+    if source == "-":
+        return sys.stdin.buffer.read(), "<stdin>"
+    try:
+        return Path(source).read_bytes(), source
+    except OSError as exc:
+        raise InputError([f"{source}: cannot read: {exc.strerror}"]) from None
+
+
+@main.command()
+@click.argument("file")
+@handles_errors
+def check(file: str) -> None:
+    """Validate a PORTS file (grammar only); FILE may be - for stdin."""
+    data, name = _read_input(file)
+    result = engine.check_file(data, name)
+    click.echo(f"{name}: ok, {len(result.mappings)} mapping(s)")
+
+
+@main.group()
+def ports() -> None:
+    """Store, show and remove an app's mappings."""
+
+
+@ports.command("set")
+@click.argument("app")
+@click.argument("file", default="-")
+@click.pass_obj
+@handles_errors
+def ports_set(ctx: engine.Context, app: str, file: str) -> None:
+    """Validate FILE (default: stdin) and store it as APP's mappings. Run `apply` to route."""
+    data, name = _read_input(file)
+    if name == "<stdin>":
+        name = "PORTS"
+    mappings = engine.set_ports(ctx, app, data, name)
+    click.echo(f"{app}: stored {len(mappings)} mapping(s)")
+
+
+@ports.command("show")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+@handles_errors
+def ports_show(ctx: engine.Context, app: str, as_json: bool) -> None:
+    """Print APP's stored mappings, as PORTS lines or JSON."""
+    engine.require_app_name(app)
+    mappings: tuple[Mapping, ...] | None = ctx.store.mappings(app)
+    if mappings is None:
+        raise InputError([f'app "{app}" has no stored mappings'])
+    if as_json:
+        click.echo(json.dumps([m.to_json() for m in mappings], indent=2))
+    else:
+        for m in mappings:
+            click.echo(m.to_line())
+
+
+@ports.command("rm")
+@click.argument("app")
+@click.pass_obj
+@handles_errors
+def ports_rm(ctx: engine.Context, app: str) -> None:
+    """Remove APP's rules from the kernel and forget its mappings."""
+    existed = engine.remove_ports(ctx, app)
+    click.echo(f"{app}: removed" if existed else f"{app}: had no stored mappings")
+
+
+@main.command("apply")
+@click.option("--app", help="Only this app (default: all apps).")
+@click.option(
+    "--container",
+    "containers",
+    multiple=True,
+    metavar="ID",
+    help="Use these containers instead of discovering them (repeatable; needs --app).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the batch that would run; change nothing.")
+@click.pass_obj
+@handles_errors
+def apply_cmd(
+    ctx: engine.Context, app: str | None, containers: tuple[str, ...], dry_run: bool
+) -> None:
+    """Make the kernel match the stored mappings and the current containers."""
+    report = engine.apply(ctx, app, containers, dry_run)
+    if dry_run:
+        click.echo(report.batch, nl=False)
+        return
+    for name in report.applied:
+        click.echo(f"{name}: routed")
+    if app is not None and not report.applied and not report.batch:
+        click.echo(f"{app}: no mappings, nothing to route")
+    for name, why in sorted(report.failed.items()):
+        click.echo(f"natports: {name}: kept its previous routes: {why}", err=True)
+    if report.failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--app", help="Only this app's rules (default: all of natports' rules).")
+@click.option("--dry-run", is_flag=True, help="Print the batch that would run; change nothing.")
+@click.pass_obj
+@handles_errors
+def flush(ctx: engine.Context, app: str | None, dry_run: bool) -> None:
+    """Remove natports' rules (stored mappings stay; `apply` brings them back)."""
+    batch = engine.flush(ctx, app, dry_run)
+    if dry_run:
+        click.echo(batch, nl=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema in the README).")
+@click.pass_obj
+@handles_errors
+def status(ctx: engine.Context, as_json: bool) -> None:
+    """What natports routes now: public port, app, backends and counters."""
+    rows = engine.status(ctx)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no routes")
+        return
+    table = [("APP", "PROCESS", "PUBLIC", "PRIVATE", "BACKENDS", "PACKETS", "BYTES")]
+    for r in rows:
+        ip = r["public_ip"]
+        host = "*" if ip is None else (f"[{ip}]" if ":" in str(ip) else str(ip))
+        backends = r["backends"]
+        assert isinstance(backends, list)
+        table.append(
+            (
+                str(r["app"]),
+                str(r["process_type"]),
+                f"{host}:{r['public_port']}/{r['protocol']}",
+                str(r["private_port"]),
+                ",".join(f"{b['container_id'][:12]}@{b['ip']}" for b in backends),
+                "-" if r["packets"] is None else str(r["packets"]),
+                "-" if r["bytes"] is None else str(r["bytes"]),
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m natports`
+    main(prog_name=os.path.basename(sys.argv[0]) or "natports")

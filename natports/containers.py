@@ -1,0 +1,190 @@
+"""Which containers are current for an app, and their addresses (the Docker edge).
+
+Rule, in order:
+1. `--container ID` given: exactly those.
+2. Dokku's `DOKKU_ROOT/APP/CONTAINER.<proc>.<n>` files exist: the containers they
+   name. Dokku rewrites them as each new container passes its checks, so during
+   and after a deploy they name the new release.
+3. Otherwise: running containers labelled `com.dokku.app-name=APP` and
+   `com.dokku.process-type=<proc>` that run the image of the most recently
+   created one among them (the newest release only; old ones still draining are
+   left out).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from pathlib import Path
+from typing import Any
+
+from .errors import NatportsError
+from .model import Protocol
+
+LABEL_APP = "com.dokku.app-name"
+LABEL_PROCESS = "com.dokku.process-type"
+_CONTAINER_FILE = re.compile(r"^CONTAINER\.([A-Za-z][A-Za-z0-9_-]*)\.([0-9]+)$")
+
+
+class AppProblem(NatportsError):
+    """A failure that belongs to one app; other apps carry on."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    running: bool
+    process_type: str | None
+    ipv4: IPv4Address | None
+    ipv6: IPv6Address | None
+    subnets: tuple[str, ...]
+    published: frozenset[tuple[int, Protocol]]  # private ports that have a host binding
+    created: str
+    image: str
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+def parse_inspect(data: dict[str, Any]) -> ContainerInfo:
+    """Turn `docker inspect` output into what natports needs; pure, so unit-testable."""
+    settings = data.get("NetworkSettings") or {}
+    networks: dict[str, Any] = settings.get("Networks") or {}
+    # Prefer Docker's default bridge, then the networks in name order.
+    ordered = sorted(networks.items(), key=lambda kv: (kv[0] != "bridge", kv[0]))
+    ipv4: IPv4Address | None = None
+    ipv6: IPv6Address | None = None
+    subnets: list[str] = []
+    for _, net in ordered:
+        if ipv4 is None and net.get("IPAddress"):
+            ipv4 = IPv4Address(net["IPAddress"])
+            prefix = int(net.get("IPPrefixLen") or 32)
+            subnets.append(str(IPv4Network(f"{ipv4}/{prefix}", strict=False)))
+        if ipv6 is None and net.get("GlobalIPv6Address"):
+            ipv6 = IPv6Address(net["GlobalIPv6Address"])
+            prefix = int(net.get("GlobalIPv6PrefixLen") or 128)
+            subnets.append(str(IPv6Network(f"{ipv6}/{prefix}", strict=False)))
+    published: set[tuple[int, Protocol]] = set()
+    for key, bindings in (settings.get("Ports") or {}).items():
+        port, _, proto = key.partition("/")
+        if bindings and proto in ("tcp", "udp"):
+            published.add((int(port), Protocol(proto)))
+    state = data.get("State") or {}
+    labels = (data.get("Config") or {}).get("Labels") or {}
+    return ContainerInfo(
+        id=str(data["Id"]),
+        name=str(data.get("Name", "")).lstrip("/"),
+        running=bool(state.get("Running")),
+        process_type=labels.get(LABEL_PROCESS),
+        ipv4=ipv4,
+        ipv6=ipv6,
+        subnets=tuple(subnets),
+        published=frozenset(published),
+        created=str(data.get("Created", "")),
+        image=str(data.get("Image", "")),
+    )
+
+
+def newest_release(containers: Iterable[ContainerInfo]) -> list[ContainerInfo]:
+    """The running containers that share the image of the most recently created one."""
+    running = [c for c in containers if c.running]
+    if not running:
+        return []
+    newest = max(running, key=lambda c: c.created)
+    return sorted((c for c in running if c.image == newest.image), key=lambda c: c.name)
+
+
+class Docker:
+    """A thin wrapper over the Docker SDK that turns its failures into natports errors."""
+
+    def __init__(self) -> None:
+        import docker
+        import docker.errors
+
+        self._errors = docker.errors
+        try:
+            self._client = docker.from_env(timeout=30)
+            self._client.ping()
+        except Exception as exc:
+            raise NatportsError(
+                f"cannot reach Docker: {_first_line(exc)}",
+                "is dockerd running, and may this user use its socket (DOCKER_HOST)?",
+            ) from None
+
+    def inspect(self, ref: str) -> ContainerInfo:
+        try:
+            data = self._client.api.inspect_container(ref)
+        except self._errors.NotFound:
+            raise AppProblem(f'container "{ref}" does not exist') from None
+        except self._errors.DockerException as exc:
+            raise NatportsError(f"Docker failed to inspect {ref}: {_first_line(exc)}") from None
+        return parse_inspect(data)
+
+    def labelled(self, app: str, process_type: str) -> list[ContainerInfo]:
+        try:
+            found = self._client.api.containers(
+                all=False,
+                filters={"label": [f"{LABEL_APP}={app}", f"{LABEL_PROCESS}={process_type}"]},
+            )
+        except self._errors.DockerException as exc:
+            raise NatportsError(f"Docker failed to list containers: {_first_line(exc)}") from None
+        return [self.inspect(str(c["Id"])) for c in found]
+
+
+def container_files(dokku_root: Path, app: str) -> dict[str, list[str]]:
+    """process type -> container ids, from Dokku's CONTAINER.<proc>.<n> files, in index order."""
+    found: dict[str, list[tuple[int, str]]] = {}
+    try:
+        entries = list((dokku_root / app).iterdir())
+    except OSError:
+        return {}
+    for entry in entries:
+        match = _CONTAINER_FILE.match(entry.name)
+        if not match:
+            continue
+        try:
+            cid = entry.read_text().strip()
+        except OSError:
+            continue
+        if cid:
+            found.setdefault(match.group(1), []).append((int(match.group(2)), cid))
+    return {proc: [cid for _, cid in sorted(items)] for proc, items in found.items()}
+
+
+def current_containers(
+    docker: Docker,
+    dokku_root: Path,
+    app: str,
+    process_types: Iterable[str],
+    override: Iterable[str] = (),
+) -> dict[str, list[ContainerInfo]]:
+    """process type -> the app's current containers (see the module docstring)."""
+    wanted = sorted(set(process_types))
+    pinned = [docker.inspect(ref) for ref in override]
+    if pinned:
+        return {proc: [c for c in pinned if c.process_type in (None, proc)] for proc in wanted}
+    files = container_files(dokku_root, app)
+    result: dict[str, list[ContainerInfo]] = {}
+    for proc in wanted:
+        if proc in files:
+            result[proc] = [docker.inspect(cid) for cid in files[proc]]
+        else:
+            result[proc] = newest_release(docker.labelled(app, proc))
+    return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True

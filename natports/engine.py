@@ -1,0 +1,211 @@
+"""The use cases behind the CLI: validate, store, apply, flush, report.
+
+Every mutation runs under the store's lock; every kernel change is one batch;
+the applied state is written only after the kernel accepted the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backends.nft_render import chain_name
+from .backends.nftables import NftBackend
+from .containers import AppProblem, Docker, current_containers
+from .desired import build_routes
+from .errors import InputError, NatportsError
+from .listeners import host_listeners
+from .model import Mapping, Route, is_valid_app_name
+from .policy import Listener, check_conflicts, check_policy, load_policy
+from .spec import ParseResult, SpecError, parse_bytes
+from .store import Applied, Store
+
+
+@dataclass
+class Context:
+    store: Store
+    dokku_root: Path
+    config_path: Path
+    backend: NftBackend = field(default_factory=NftBackend)
+    docker_factory: Callable[[], Docker] = Docker
+    listeners: Callable[[], list[Listener]] = host_listeners
+    _docker: Docker | None = None
+
+    def docker(self) -> Docker:
+        if self._docker is None:
+            self._docker = self.docker_factory()
+        return self._docker
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    batch: str
+    applied: tuple[str, ...]  # apps whose routes the kernel now holds
+    failed: dict[str, str]  # app -> why it kept its previous routes
+
+
+def require_app_name(app: str) -> None:
+    if not is_valid_app_name(app):
+        raise InputError(
+            [f'"{app}" is not a valid app name (lowercase letters, digits and dashes)']
+        )
+
+
+def check_file(data: bytes, filename: str) -> ParseResult:
+    result = parse_bytes(data)
+    if not result.ok:
+        raise InputError([e.format(filename) for e in result.errors])
+    return result
+
+
+def validate_for_app(ctx: Context, app: str, data: bytes, filename: str) -> tuple[Mapping, ...]:
+    """Grammar, then conflicts with every other app, then the host policy: all errors at once."""
+    require_app_name(app)
+    result = parse_bytes(data)
+    others = {a: m for a, m in ctx.store.all_mappings().items() if a != app}
+    errors: list[SpecError] = list(result.errors)
+    errors += check_conflicts(app, result.mappings, others)
+    errors += check_policy(result.mappings, load_policy(ctx.config_path), ctx.listeners())
+    if errors:
+        errors.sort(key=lambda e: (e.line, e.col))
+        raise InputError([e.format(filename) for e in errors])
+    return tuple(loc.mapping for loc in result.mappings)
+
+
+def set_ports(ctx: Context, app: str, data: bytes, filename: str) -> tuple[Mapping, ...]:
+    with ctx.store.locked():
+        mappings = validate_for_app(ctx, app, data, filename)
+        ctx.store.set_mappings(app, mappings)
+        return mappings
+
+
+def remove_ports(ctx: Context, app: str) -> bool:
+    """Forget the app: its rules go first, then its config."""
+    require_app_name(app)
+    with ctx.store.locked():
+        _flush_app(ctx, app, dry_run=False)
+        return ctx.store.remove_mappings(app)
+
+
+def apply(
+    ctx: Context, app: str | None = None, containers: Sequence[str] = (), dry_run: bool = False
+) -> ApplyReport:
+    if containers and app is None:
+        raise InputError(["--container needs --app: containers belong to one app"])
+    with ctx.store.locked():
+        if app is not None:
+            return _apply_app(ctx, app, containers, dry_run)
+        return _apply_all(ctx, dry_run)
+
+
+def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Route, ...]:
+    mappings = ctx.store.mappings(app) or ()
+    if not mappings:
+        return ()
+    procs = {m.process_type for m in mappings}
+    found = current_containers(ctx.docker(), ctx.dokku_root, app, procs, containers)
+    return build_routes(app, mappings, found)
+
+
+def _previous(ctx: Context, app: str) -> tuple[Route, ...]:
+    applied = ctx.store.applied(app)
+    return applied.routes if applied else ()
+
+
+def _record(ctx: Context, app: str, routes: tuple[Route, ...]) -> None:
+    if routes:
+        ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
+    else:
+        ctx.store.remove_applied(app)
+
+
+def _apply_app(ctx: Context, app: str, containers: Sequence[str], dry_run: bool) -> ApplyReport:
+    require_app_name(app)
+    desired = _desired_for(ctx, app, containers)
+    previous = _previous(ctx, app)
+    if not desired and not previous:
+        return ApplyReport("", (), {})  # nothing to route and nothing to remove
+    batch = ctx.backend.plan_app(previous, desired)
+    if not dry_run:
+        ctx.backend.run(batch)
+        _record(ctx, app, desired)
+    return ApplyReport(batch, (app,) if desired else (), {})
+
+
+def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
+    configured = ctx.store.apps()
+    desired: dict[str, tuple[Route, ...]] = {}
+    failed: dict[str, str] = {}
+    for app in configured:
+        try:
+            desired[app] = _desired_for(ctx, app, ())
+        except AppProblem as exc:
+            failed[app] = exc.message
+            desired[app] = _previous(ctx, app)  # a broken app keeps what it had
+    every = [r for routes in desired.values() for r in routes]
+    batch = ctx.backend.plan_reconcile(every)
+    if not dry_run:
+        ctx.backend.run(batch)
+        for app in configured:
+            if app not in failed:
+                _record(ctx, app, desired[app])
+        for app in set(ctx.store.applied_apps()) - set(configured):
+            ctx.store.remove_applied(app)
+    applied = tuple(a for a in configured if a not in failed and desired[a])
+    return ApplyReport(batch, applied, failed)
+
+
+def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
+    with ctx.store.locked():
+        if app is not None:
+            require_app_name(app)
+            return _flush_app(ctx, app, dry_run)
+        batch = ctx.backend.plan_flush_all()
+        if not dry_run:
+            ctx.backend.run(batch)
+            for name in ctx.store.applied_apps():
+                ctx.store.remove_applied(name)
+        return batch
+
+
+def _flush_app(ctx: Context, app: str, dry_run: bool) -> str:
+    previous = _previous(ctx, app)
+    if not previous:
+        return ""
+    batch = ctx.backend.plan_app(previous, ())
+    if not dry_run:
+        ctx.backend.run(batch)
+        ctx.store.remove_applied(app)
+    return batch
+
+
+def status(ctx: Context) -> list[dict[str, object]]:
+    """One entry per public port: the documented `status --json` schema."""
+    try:
+        counters = ctx.backend.counters()
+    except NatportsError:
+        counters = {}
+    rows: list[dict[str, object]] = []
+    for app in ctx.store.applied_apps():
+        applied = ctx.store.applied(app)
+        if applied is None:
+            continue
+        for route in applied.routes:
+            packets, nbytes = counters.get(chain_name(route.app, route.key), (None, None))
+            rows.append(
+                {
+                    "app": route.app,
+                    "process_type": route.process_type,
+                    "protocol": str(route.key.protocol),
+                    "family": route.key.family,
+                    "public_ip": None if route.key.public_ip is None else str(route.key.public_ip),
+                    "public_port": route.key.public_port,
+                    "private_port": route.private_port,
+                    "backends": [b.to_json() for b in route.backends],
+                    "backend": applied.backend,
+                    "packets": packets,
+                    "bytes": nbytes,
+                }
+            )
+    return rows

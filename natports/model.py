@@ -1,0 +1,169 @@
+"""The plain data the whole engine works on; every type here is frozen."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+IPAddress = IPv4Address | IPv6Address
+
+PORT_MIN = 1
+PORT_MAX = 65535
+DEFAULT_PROCESS_TYPE = "web"
+
+# Dokku's own rule for app names (lowercase alphanumerics and dashes).
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,199}$")
+# Procfile process type names.
+PROCESS_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+
+class Protocol(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+def is_valid_app_name(name: str) -> bool:
+    return bool(APP_NAME_RE.match(name))
+
+
+@dataclass(frozen=True, order=True)
+class Mapping:
+    """One PORTS line: `count` consecutive public ports onto as many private ports."""
+
+    public_port: int
+    private_port: int
+    protocol: Protocol = Protocol.TCP
+    count: int = 1
+    public_ip: IPAddress | None = None
+    process_type: str = DEFAULT_PROCESS_TYPE
+
+    @property
+    def public_end(self) -> int:
+        return self.public_port + self.count - 1
+
+    @property
+    def private_end(self) -> int:
+        return self.private_port + self.count - 1
+
+    def ports(self) -> list[tuple[int, int]]:
+        """(public, private) for every port of the range."""
+        return [(self.public_port + i, self.private_port + i) for i in range(self.count)]
+
+    def public_text(self) -> str:
+        """The public side as an operator writes it: `[ip:]port[-end]/proto`."""
+        host = ""
+        if self.public_ip is not None:
+            host = f"[{self.public_ip}]:" if self.public_ip.version == 6 else f"{self.public_ip}:"
+        ports = str(self.public_port)
+        if self.count > 1:
+            ports += f"-{self.public_end}"
+        return f"{host}{ports}/{self.protocol}"
+
+    def to_line(self) -> str:
+        """The canonical PORTS line for this mapping (parses back to an equal Mapping)."""
+        host = ""
+        if self.public_ip is not None:
+            host = f"[{self.public_ip}]:" if self.public_ip.version == 6 else f"{self.public_ip}:"
+        pub = str(self.public_port)
+        priv = str(self.private_port)
+        if self.count > 1:
+            pub += f"-{self.public_end}"
+            priv += f"-{self.private_end}"
+        prefix = "" if self.process_type == DEFAULT_PROCESS_TYPE else f"{self.process_type}: "
+        return f"{prefix}{host}{pub}:{priv}/{self.protocol}"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "process_type": self.process_type,
+            "protocol": str(self.protocol),
+            "public_ip": None if self.public_ip is None else str(self.public_ip),
+            "public_port": self.public_port,
+            "private_port": self.private_port,
+            "count": self.count,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Mapping:
+        ip = data.get("public_ip")
+        return cls(
+            public_port=int(str(data["public_port"])),
+            private_port=int(str(data["private_port"])),
+            protocol=Protocol(str(data["protocol"])),
+            count=int(str(data.get("count", 1))),
+            public_ip=None if ip is None else ip_address(str(ip)),
+            process_type=str(data.get("process_type", DEFAULT_PROCESS_TYPE)),
+        )
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    """One place a new flow may be sent: a container address and its private port."""
+
+    container_id: str
+    ip: IPAddress
+    port: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"container_id": self.container_id, "ip": str(self.ip), "port": self.port}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Backend:
+        return cls(str(data["container_id"]), ip_address(str(data["ip"])), int(str(data["port"])))
+
+
+@dataclass(frozen=True, order=True)
+class RouteKey:
+    """What a new flow is matched on; unique across all apps on a host."""
+
+    family: int  # 4 or 6: the address family of the traffic this route DNATs
+    protocol: Protocol
+    public_port: int
+    public_ip: IPAddress | None = None
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    """One public port of one app, and where its new flows go."""
+
+    app: str
+    process_type: str
+    key: RouteKey
+    private_port: int
+    backends: tuple[Backend, ...] = field(default=())
+    # Subnets of the backends' networks: flows from there back to them need masquerade.
+    hairpin_subnets: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "app": self.app,
+            "process_type": self.process_type,
+            "family": self.key.family,
+            "protocol": str(self.key.protocol),
+            "public_ip": None if self.key.public_ip is None else str(self.key.public_ip),
+            "public_port": self.key.public_port,
+            "private_port": self.private_port,
+            "backends": [b.to_json() for b in self.backends],
+            "hairpin_subnets": list(self.hairpin_subnets),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Route:
+        ip = data.get("public_ip")
+        backends = data.get("backends", [])
+        subnets = data.get("hairpin_subnets", [])
+        assert isinstance(backends, list) and isinstance(subnets, list)
+        return cls(
+            app=str(data["app"]),
+            process_type=str(data["process_type"]),
+            key=RouteKey(
+                family=int(str(data["family"])),
+                protocol=Protocol(str(data["protocol"])),
+                public_port=int(str(data["public_port"])),
+                public_ip=None if ip is None else ip_address(str(ip)),
+            ),
+            private_port=int(str(data["private_port"])),
+            backends=tuple(Backend.from_json(b) for b in backends),
+            hairpin_subnets=tuple(str(s) for s in subnets),
+        )

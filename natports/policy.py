@@ -1,0 +1,179 @@
+"""Which public ports apps may claim: cross-app conflicts and the operator's host policy.
+
+Pure functions; the listeners on the host and the policy file are read by the callers.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .model import PORT_MAX, PORT_MIN, IPAddress, Mapping, Protocol
+from .spec import Located, SpecError, overlaps
+
+_RANGE_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?(?:/(tcp|udp))?$")
+
+
+@dataclass(frozen=True)
+class PortRange:
+    start: int
+    end: int
+    protocol: Protocol | None = None  # None: both
+
+    def covers(self, protocol: Protocol, port: int) -> bool:
+        return (self.protocol in (None, protocol)) and self.start <= port <= self.end
+
+    @classmethod
+    def parse(cls, text: str) -> PortRange:
+        match = _RANGE_RE.match(text.strip())
+        if not match:
+            raise ValueError(f'"{text}" is not PORT[-END][/tcp|/udp]')
+        start = int(match.group(1))
+        end = int(match.group(2) or start)
+        if not (PORT_MIN <= start <= end <= PORT_MAX):
+            raise ValueError(f'"{text}" is not a port range within {PORT_MIN}-{PORT_MAX}')
+        proto = match.group(3)
+        return cls(start, end, None if proto is None else Protocol(proto))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The operator's limits. The defaults protect SSH and every port a host process serves."""
+
+    deny: tuple[PortRange, ...] = (PortRange(22, 22),)
+    allow: tuple[PortRange, ...] | None = None  # None: any port not denied
+    allow_listening: tuple[PortRange, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A host socket that accepts on a port (TCP LISTEN, or a bound unconnected UDP socket)."""
+
+    protocol: Protocol
+    ip: IPAddress
+    port: int
+    process: str  # "sshd (pid 412)", or "unknown process" when /proc does not tell
+
+    def shadowed_by(self, mapping: Mapping, port: int) -> bool:
+        if self.protocol != mapping.protocol or self.port != port or self.ip.is_loopback:
+            return False
+        if mapping.public_ip is None or self.ip.is_unspecified:
+            return True
+        return self.ip == mapping.public_ip
+
+
+def load_policy(path: Path) -> Policy:
+    """Read `[policy]` from the operator's TOML config; a missing file means the defaults."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Policy()
+    except OSError as exc:
+        raise InputError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError([f"{path}: {exc}"]) from None
+    section = data.get("policy", {})
+    if not isinstance(section, dict):
+        raise InputError([f"{path}: [policy] must be a table"])
+    problems: list[str] = []
+
+    def ranges(key: str) -> tuple[PortRange, ...] | None:
+        value = section.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            problems.append(f"{path}: policy.{key} must be a list of port ranges")
+            return None
+        parsed: list[PortRange] = []
+        for item in value:
+            try:
+                parsed.append(PortRange.parse(str(item)))
+            except ValueError as exc:
+                problems.append(f"{path}: policy.{key}: {exc}")
+        return tuple(parsed)
+
+    unknown = sorted(set(section) - {"deny", "allow", "allow_listening"})
+    for key in unknown:
+        problems.append(f"{path}: policy.{key} is not a known setting")
+    deny = ranges("deny")
+    allow = ranges("allow")
+    allow_listening = ranges("allow_listening")
+    if problems:
+        raise InputError(problems)
+    return Policy(
+        deny=Policy.deny if deny is None else deny,
+        allow=allow,
+        allow_listening=allow_listening or (),
+    )
+
+
+def check_conflicts(
+    app: str, located: Sequence[Located], others: dict[str, tuple[Mapping, ...]]
+) -> list[SpecError]:
+    """A public (address, port, protocol) belongs to one app only."""
+    errors: list[SpecError] = []
+    for loc in located:
+        for other_app, mappings in sorted(others.items()):
+            if other_app == app:
+                continue
+            clash = next((m for m in mappings if overlaps(loc.mapping, m)), None)
+            if clash is not None:
+                errors.append(
+                    SpecError(
+                        loc.line,
+                        loc.col,
+                        f'app "{app}": port {_shared(loc.mapping, clash)} is already mapped '
+                        f'by app "{other_app}"',
+                    )
+                )
+                break
+    return errors
+
+
+def check_policy(
+    located: Sequence[Located], policy: Policy, listeners: Iterable[Listener]
+) -> list[SpecError]:
+    listeners = list(listeners)
+    errors: list[SpecError] = []
+    for loc in located:
+        problem = _policy_problem(loc.mapping, policy, listeners)
+        if problem:
+            errors.append(SpecError(loc.line, loc.col, problem))
+    return errors
+
+
+def _policy_problem(mapping: Mapping, policy: Policy, listeners: list[Listener]) -> str | None:
+    proto = mapping.protocol
+    for public, _ in mapping.ports():
+        if any(r.covers(proto, public) for r in policy.deny):
+            return f"port {public}/{proto} is reserved by the host policy"
+        if policy.allow is not None and not any(r.covers(proto, public) for r in policy.allow):
+            return f"port {public}/{proto} is not in the host policy's allowed ports"
+        if any(r.covers(proto, public) for r in policy.allow_listening):
+            continue
+        for listener in listeners:
+            if listener.shadowed_by(mapping, public):
+                return (
+                    f"port {public}/{proto} is in use on the host: {listener.process} "
+                    f"listens on {_addr(listener.ip)}:{public} (an operator can allow it "
+                    "with policy.allow_listening)"
+                )
+    return None
+
+
+def _addr(ip: IPAddress) -> str:
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
+def _shared(a: Mapping, b: Mapping) -> str:
+    """The first public port two overlapping mappings share, as `[ip:]port/proto`."""
+    port = max(a.public_port, b.public_port)
+    ip = a.public_ip or b.public_ip
+    host = "" if ip is None else f"{_addr(ip)}:"
+    return f"{host}{port}/{a.protocol}"

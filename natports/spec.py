@@ -1,0 +1,251 @@
+"""The PORTS grammar: text in, typed mappings or positioned errors out.
+
+    line     := [PROC ":" WS] [HOST ":"] PORTS ":" PORTS ["/" PROTO] [WS] ["#" comment]
+    HOST     := IPv4 | "[" IPv6 "]"
+    PORTS    := NUMBER ["-" NUMBER]
+    PROTO    := "tcp" | "udp"
+
+`worker: 25:5025` targets the `worker` process type (Procfile style); without a
+prefix the mapping targets `web`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+from .model import (
+    DEFAULT_PROCESS_TYPE,
+    PORT_MAX,
+    PORT_MIN,
+    PROCESS_TYPE_RE,
+    IPAddress,
+    Mapping,
+    Protocol,
+)
+
+_PROC_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_-]*):(?=[ \t])")
+_NUMBER = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class SpecError:
+    line: int
+    col: int
+    message: str
+
+    def format(self, filename: str) -> str:
+        return f"{filename}:{self.line}:{self.col}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Located:
+    """A mapping and where it was written, so later checks can point at it."""
+
+    mapping: Mapping
+    line: int
+    col: int
+
+
+@dataclass(frozen=True)
+class ParseResult:
+    mappings: tuple[Located, ...]
+    errors: tuple[SpecError, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class _LineError(Exception):
+    def __init__(self, col: int, message: str) -> None:
+        self.col = col
+        self.message = message
+
+
+def parse_bytes(data: bytes) -> ParseResult:
+    """Parse raw file content; invalid UTF-8 is an error with its position, never a crash."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start]
+        line = before.count(b"\n") + 1
+        col = exc.start - (before.rfind(b"\n") + 1) + 1
+        return ParseResult((), (SpecError(line, col, "file is not valid UTF-8"),))
+    return parse_text(text)
+
+
+def parse_text(text: str) -> ParseResult:
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    mappings: list[Located] = []
+    errors: list[SpecError] = []
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
+        try:
+            located = _parse_line(raw, number)
+        except _LineError as exc:
+            errors.append(SpecError(number, exc.col, exc.message))
+            continue
+        if located is not None:
+            mappings.append(located)
+    errors.extend(_duplicates(mappings))
+    errors.sort(key=lambda e: (e.line, e.col))
+    return ParseResult(tuple(mappings), tuple(errors))
+
+
+def _parse_line(raw: str, number: int) -> Located | None:
+    body = raw.split("#", 1)[0]
+    stripped = body.strip()
+    if not stripped:
+        return None
+    pos = len(body) - len(body.lstrip())  # 0-based index of the first character
+    process_type = DEFAULT_PROCESS_TYPE
+    prefix = _PROC_PREFIX.match(body, pos)
+    if prefix:
+        process_type = prefix.group(1)
+        if not PROCESS_TYPE_RE.match(process_type):
+            raise _LineError(pos + 1, f'process type "{process_type}" is too long (max 63)')
+        pos = prefix.end()
+        while pos < len(body) and body[pos] in " \t":
+            pos += 1
+    start_col = pos + 1
+    end = pos
+    while end < len(body) and not body[end].isspace():
+        end += 1
+    token = body[pos:end]
+    rest = body[end:]
+    if rest.strip():
+        extra = end + (len(rest) - len(rest.lstrip()))
+        raise _LineError(extra + 1, f'unexpected "{rest.strip()}" after the mapping')
+    mapping = _parse_mapping(token, pos, process_type)
+    return Located(mapping, number, start_col)
+
+
+def _parse_mapping(token: str, offset: int, process_type: str) -> Mapping:
+    """`offset` is the 0-based index of token in its line, for error columns."""
+    public_ip: IPAddress | None = None
+    pos = 0
+    if token.startswith("["):
+        close = token.find("]")
+        if close < 0:
+            raise _LineError(offset + 1, 'missing "]" after the IPv6 address')
+        public_ip = _parse_ip(token[1:close], offset + 2, want_v6=True)
+        if token[close + 1 : close + 2] != ":":
+            raise _LineError(offset + close + 2, 'expected ":" after "]"')
+        pos = close + 2
+    protocol = Protocol.TCP
+    body = token[pos:]
+    slash = body.find("/")
+    if slash >= 0:
+        proto_text = body[slash + 1 :]
+        try:
+            protocol = Protocol(proto_text.lower())
+        except ValueError:
+            raise _LineError(
+                offset + pos + slash + 2,
+                f'unknown protocol "{proto_text}" (expected tcp or udp)',
+            ) from None
+        body = body[:slash]
+    parts = body.split(":")
+    if public_ip is None and len(parts) == 3:
+        public_ip = _parse_ip(parts[0], offset + pos + 1, want_v6=False)
+        pos += len(parts[0]) + 1
+        parts = parts[1:]
+    if len(parts) != 2:
+        if not body:
+            raise _LineError(offset + pos + 1, "expected PUBLIC:PRIVATE")
+        if len(parts) > 3 and public_ip is None:
+            raise _LineError(offset + 1, "an IPv6 host address must be written in brackets")
+        raise _LineError(offset + pos + 1, f'expected PUBLIC:PRIVATE, got "{token}"')
+    pub_col = offset + pos + 1
+    priv_col = pub_col + len(parts[0]) + 1
+    pub_start, pub_end = _parse_range(parts[0], pub_col, "public")
+    priv_start, priv_end = _parse_range(parts[1], priv_col, "private")
+    pub_len = pub_end - pub_start + 1
+    priv_len = priv_end - priv_start + 1
+    if pub_len != priv_len:
+        raise _LineError(
+            priv_col,
+            f"public range {parts[0]} has {pub_len} ports but private range "
+            f"{parts[1]} has {priv_len}",
+        )
+    return Mapping(
+        public_port=pub_start,
+        private_port=priv_start,
+        protocol=protocol,
+        count=pub_len,
+        public_ip=public_ip,
+        process_type=process_type,
+    )
+
+
+def _parse_range(text: str, col: int, side: str) -> tuple[int, int]:
+    first, dash, second = text.partition("-")
+    start = _parse_port(first, col, side)
+    if not dash:
+        return start, start
+    end = _parse_port(second, col + len(first) + 1, side)
+    if end < start:
+        raise _LineError(col, f"{side} range {text} ends before it starts")
+    return start, end
+
+
+def _parse_port(text: str, col: int, side: str) -> int:
+    if not text:
+        raise _LineError(col, f"missing {side} port")
+    if not _NUMBER.fullmatch(text):
+        raise _LineError(col, f'{side} port "{text}" is not a number')
+    value = int(text)
+    if not PORT_MIN <= value <= PORT_MAX:
+        raise _LineError(col, f"{side} port {value} is out of range ({PORT_MIN}-{PORT_MAX})")
+    return value
+
+
+def _parse_ip(text: str, col: int, want_v6: bool) -> IPAddress:
+    try:
+        addr = ip_address(text)
+    except ValueError:
+        raise _LineError(col, f'"{text}" is not an IP address') from None
+    if isinstance(addr, IPv6Address) and not want_v6:
+        raise _LineError(col, "an IPv6 host address must be written in brackets")
+    if isinstance(addr, IPv4Address) and want_v6:
+        raise _LineError(col, f"{addr} is IPv4: write it without brackets")
+    if addr.is_loopback:
+        raise _LineError(
+            col, f"{addr} is a loopback address: natports does not DNAT loopback traffic"
+        )
+    if addr.is_unspecified or addr.is_multicast:
+        raise _LineError(col, f"{addr} cannot be a public address; omit it to mean all addresses")
+    return addr
+
+
+def overlaps(a: Mapping, b: Mapping) -> bool:
+    """True when some new flow could match both mappings."""
+    if a.protocol != b.protocol:
+        return False
+    if a.public_ip is not None and b.public_ip is not None and a.public_ip != b.public_ip:
+        return False
+    return a.public_port <= b.public_end and b.public_port <= a.public_end
+
+
+def _duplicates(mappings: list[Located]) -> list[SpecError]:
+    errors: list[SpecError] = []
+    for i, later in enumerate(mappings):
+        for earlier in mappings[:i]:
+            if overlaps(earlier.mapping, later.mapping):
+                errors.append(
+                    SpecError(
+                        later.line,
+                        later.col,
+                        f"public port {later.mapping.public_text()} overlaps "
+                        f"{earlier.mapping.public_text()} on line {earlier.line}",
+                    )
+                )
+                break
+    return errors
+
+
+def format_errors(result: ParseResult, filename: str) -> list[str]:
+    return [e.format(filename) for e in result.errors]

@@ -1,0 +1,177 @@
+"""Per-app config and last applied state on disk.
+
+Layout under the state directory:
+    lock                 flock(2) held by every mutation and apply
+    apps/APP.json        the app's validated mappings (what it asked for)
+    applied/APP.json     what the kernel was last told for the app (routes and backend)
+
+Every write is temp file + fsync + rename + directory fsync, so a crash leaves
+either the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NatportsError
+from .model import Mapping, Route
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Applied:
+    backend: str
+    routes: tuple[Route, ...]
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    # -- locking ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One lock for all apps: two deploys at once never lose each other's update."""
+        self._ensure_dirs()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- app config ------------------------------------------------------------
+
+    def apps(self) -> list[str]:
+        return self._names("apps")
+
+    def mappings(self, app: str) -> tuple[Mapping, ...] | None:
+        data = self._read(self.root / "apps" / f"{app}.json")
+        if data is None:
+            return None
+        items = data.get("mappings", [])
+        assert isinstance(items, list)
+        return tuple(Mapping.from_json(m) for m in items)
+
+    def all_mappings(self) -> dict[str, tuple[Mapping, ...]]:
+        result: dict[str, tuple[Mapping, ...]] = {}
+        for app in self.apps():
+            mappings = self.mappings(app)
+            if mappings is not None:
+                result[app] = mappings
+        return result
+
+    def set_mappings(self, app: str, mappings: tuple[Mapping, ...]) -> None:
+        self._write(
+            self.root / "apps" / f"{app}.json",
+            {"version": SCHEMA_VERSION, "app": app, "mappings": [m.to_json() for m in mappings]},
+        )
+
+    def remove_mappings(self, app: str) -> bool:
+        return self._unlink(self.root / "apps" / f"{app}.json")
+
+    # -- applied state -----------------------------------------------------------
+
+    def applied_apps(self) -> list[str]:
+        return self._names("applied")
+
+    def applied(self, app: str) -> Applied | None:
+        data = self._read(self.root / "applied" / f"{app}.json")
+        if data is None:
+            return None
+        routes = data.get("routes", [])
+        assert isinstance(routes, list)
+        return Applied(
+            str(data.get("backend", "nftables")), tuple(Route.from_json(r) for r in routes)
+        )
+
+    def set_applied(self, app: str, applied: Applied) -> None:
+        self._write(
+            self.root / "applied" / f"{app}.json",
+            {
+                "version": SCHEMA_VERSION,
+                "app": app,
+                "backend": applied.backend,
+                "routes": [r.to_json() for r in applied.routes],
+            },
+        )
+
+    def remove_applied(self, app: str) -> bool:
+        return self._unlink(self.root / "applied" / f"{app}.json")
+
+    # -- files -------------------------------------------------------------------
+
+    def _ensure_dirs(self) -> None:
+        try:
+            for sub in ("apps", "applied"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o755)
+        except OSError as exc:
+            raise NatportsError(
+                f"cannot create state directory {self.root}: {exc.strerror}",
+                "run as root, or point --state-dir / NATPORTS_STATE_DIR somewhere writable",
+            ) from None
+
+    def _names(self, sub: str) -> list[str]:
+        try:
+            return sorted(p.stem for p in (self.root / sub).glob("*.json"))
+        except OSError:
+            return []
+
+    def _read(self, path: Path) -> dict[str, object] | None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise NatportsError(
+                f"cannot read {path}: {exc}", "restore or remove the file"
+            ) from None
+        if not isinstance(data, dict) or data.get("version") != SCHEMA_VERSION:
+            raise NatportsError(f"{path} is not a natports v{SCHEMA_VERSION} state file")
+        return data
+
+    def _write(self, path: Path, data: dict[str, object]) -> None:
+        self._ensure_dirs()
+        payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._fsync_dir(path.parent)
+
+    def _unlink(self, path: Path) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        self._fsync_dir(path.parent)
+        return True
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # some filesystems refuse fsync on directories
+            if exc.errno not in (errno.EINVAL, errno.EBADF):
+                raise
+        finally:
+            os.close(fd)

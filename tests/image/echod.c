@@ -1,0 +1,114 @@
+/*
+ * echod: the backend of natports' tests and demo.
+ *
+ * Usage: echod TAG PORT [PORT...]
+ * For each PORT it serves TCP and UDP on all addresses.
+ *   TCP: sends "TAG\n" on accept, then answers every line L with "TAG L\n".
+ *   UDP: answers every datagram D with "TAG D".
+ * The tag lets a test see which container (release) answered.
+ * Built static so that a busybox-only image can run it.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const char *tag;
+
+static int listen_on(int type, int port) {
+    int fd = socket(AF_INET, type, 0);
+    int one = 1;
+    struct sockaddr_in sa;
+    if (fd < 0) { perror("socket"); exit(1); }
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    memset(&sa, 0, sizeof sa);
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons((unsigned short)port);
+    sa.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("bind"); exit(1); }
+    if (type == SOCK_STREAM && listen(fd, 1024) < 0) { perror("listen"); exit(1); }
+    return fd;
+}
+
+static void write_all(int fd, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) _exit(0);
+        buf += n;
+        len -= (size_t)n;
+    }
+}
+
+static void serve_tcp_client(int fd) {
+    char in[4096], line[4096], out[8192];
+    size_t used = 0;
+    int n = snprintf(out, sizeof out, "%s\n", tag);
+    write_all(fd, out, (size_t)n);
+    for (;;) {
+        ssize_t got = read(fd, in, sizeof in);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) _exit(0);
+        for (ssize_t i = 0; i < got; i++) {
+            if (in[i] == '\n' || used == sizeof line - 1) {
+                line[used] = '\0';
+                n = snprintf(out, sizeof out, "%s %s\n", tag, line);
+                write_all(fd, out, (size_t)n);
+                used = 0;
+            } else {
+                line[used++] = in[i];
+            }
+        }
+    }
+}
+
+static void serve_tcp(int lfd) {
+    for (;;) {
+        int fd = accept(lfd, NULL, NULL);
+        if (fd < 0) continue;
+        pid_t pid = fork();
+        if (pid == 0) { close(lfd); serve_tcp_client(fd); }
+        close(fd);
+    }
+}
+
+static void serve_udp(int fd) {
+    char in[2048], out[4096];
+    for (;;) {
+        struct sockaddr_storage peer;
+        socklen_t plen = sizeof peer;
+        ssize_t got = recvfrom(fd, in, sizeof in - 1, 0, (struct sockaddr *)&peer, &plen);
+        if (got < 0) continue;
+        in[got] = '\0';
+        int n = snprintf(out, sizeof out, "%s %s", tag, in);
+        sendto(fd, out, (size_t)n, 0, (struct sockaddr *)&peer, plen);
+    }
+}
+
+static void on_term(int sig) {
+    (void)sig;
+    _exit(0);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: echod TAG PORT [PORT...]\n"); return 2; }
+    tag = argv[1];
+    signal(SIGCHLD, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    for (int i = 2; i < argc; i++) {
+        int port = atoi(argv[i]);
+        int tfd = listen_on(SOCK_STREAM, port);
+        int ufd = listen_on(SOCK_DGRAM, port);
+        if (fork() == 0) serve_tcp(tfd);
+        if (fork() == 0) serve_udp(ufd);
+    }
+    /* PID 1 in a container ignores signals without a handler: exit on SIGTERM like a real app. */
+    signal(SIGTERM, on_term);
+    for (;;) pause();
+}
