@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.infra import Cli, ClientNet, Containers, delete_natports_table
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+@pytest.fixture
+def clean_kernel() -> Iterator[None]:
+    """natports' table is gone before and after the test, whatever happens in it."""
+    if shutil.which("nft") is None:
+        pytest.fail("nft is not installed (run ./scripts/test)")
+    delete_natports_table()
+    yield
+    delete_natports_table()
+
+
+@pytest.fixture(scope="session")
+def client_net() -> Iterator[ClientNet]:
+    net = ClientNet.create(77)
+    try:
+        yield net
+    finally:
+        net.destroy()
+
+
+@pytest.fixture(scope="session")
+def second_client_net() -> Iterator[ClientNet]:
+    net = ClientNet.create(78)
+    try:
+        yield net
+    finally:
+        net.destroy()
+
+
+@pytest.fixture
+def containers() -> Iterator[Containers]:
+    made = Containers()
+    try:
+        yield made
+    finally:
+        made.remove_all()

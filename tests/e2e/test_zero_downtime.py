@@ -1,0 +1,129 @@
+"""The core promise, with real containers and a client in another network namespace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.infra import Cli, ClientNet, Containers, sh
+
+pytestmark = pytest.mark.usefixtures("clean_kernel")
+
+PORT = 40025  # public port: high, so that no host service or policy is involved
+
+
+def route_to(cli: Cli, app: str, *container_ids: str) -> None:
+    args = ["apply", "--app", app]
+    for cid in container_ids:
+        args += ["--container", cid]
+    cli(*args)
+
+
+def test_new_flows_switch_and_old_flows_stay(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    v1 = containers.start("v1")
+    route_to(cli, "mail", v1.id)
+    held = client_net.hold(PORT)
+    try:
+        assert held.tag == "v1"
+        v2 = containers.start("v2")
+        route_to(cli, "mail", v2.id)
+        # (b) every connection opened after apply returned reaches the new container
+        for _ in range(20):
+            assert client_net.connect_once(PORT) == {"tag": "v2"}
+        # (a) the flow opened before the switch keeps talking to the old container
+        assert held.ask("still there?") == "v1 still there?"
+    finally:
+        held.close()
+
+
+def test_zero_failed_connections_across_switches(
+    cli: Cli, client_net: ClientNet, containers: Containers, tmp_path: Path
+) -> None:
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    releases = [containers.start(f"r{i}") for i in range(3)]
+    route_to(cli, "mail", releases[0].id)
+    hammer = client_net.hammer(PORT, rate=150, max_seconds=120, stopfile=tmp_path / "stop")
+    try:
+        for switch in range(1, 13):
+            target = releases[switch % len(releases)]
+            route_to(cli, "mail", target.id)
+            # every connect after apply returned goes to the new release
+            assert client_net.connect_once(PORT) == {"tag": f"r{switch % len(releases)}"}
+            sh("sleep", "0.25")
+        report = hammer.stop()
+    finally:
+        hammer.kill()
+    assert report["failures"] == []
+    assert report["rate"] >= 100, report
+    assert set(report["tags"]) == {"r0", "r1", "r2"}, report
+
+
+def test_several_containers_share_new_flows(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    web = [containers.start(f"w{i}") for i in range(3)]
+    route_to(cli, "mail", *(c.id for c in web))
+    seen = {client_net.connect_once(PORT)["tag"] for _ in range(60)}
+    assert seen == {"w0", "w1", "w2"}
+
+
+def test_host_local_client_reaches_the_app(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    v1 = containers.start("v1")
+    route_to(cli, "mail", v1.id)
+    # From the host itself, to the host's own (non-loopback) address: the output hook.
+    from tests.netclient import once
+
+    assert once(client_net.host_ip, PORT) == {"tag": "v1"}
+
+
+def test_a_second_apps_switch_leaves_the_first_alone(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    cli("ports", "set", "chat", input=f"{PORT + 1}:5025\n")
+    mail = containers.start("mail-v1")
+    chat1 = containers.start("chat-v1")
+    route_to(cli, "mail", mail.id)
+    route_to(cli, "chat", chat1.id)
+    held = client_net.hold(PORT)
+    try:
+        chat2 = containers.start("chat-v2")
+        route_to(cli, "chat", chat2.id)
+        assert client_net.connect_once(PORT + 1) == {"tag": "chat-v2"}
+        assert client_net.connect_once(PORT) == {"tag": "mail-v1"}
+        assert held.ask("hi") == "mail-v1 hi"
+    finally:
+        held.close()
+
+
+def test_udp_mapping_reaches_the_container(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "dns", input=f"{PORT}:5025/udp\n")
+    v1 = containers.start("v1")
+    route_to(cli, "dns", v1.id)
+    assert client_net.client("udp", client_net.host_ip, str(PORT), "ping") == {"answer": "v1 ping"}
+
+
+def test_another_container_reaches_the_public_port(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    """Another app on the same bridge dials the host's public port: DNAT back onto the bridge."""
+    import docker
+
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    server = containers.start("srv")
+    route_to(cli, "mail", server.id)
+    other = containers.start("other")
+    out = docker.from_env().containers.get(other.id).exec_run(
+        ["/bin/busybox", "sh", "-c", f"echo | /bin/busybox nc -w 3 {client_net.host_ip} {PORT}"]
+    )
+    assert out.output.decode().splitlines()[:1] == ["srv"], out

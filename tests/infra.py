@@ -1,0 +1,274 @@
+"""Real test parts: a client network namespace, real containers, the real CLI.
+
+Everything created here is removed again, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NETCLIENT = str(Path(__file__).with_name("netclient.py"))
+TEST_IMAGE = os.environ.get("NATPORTS_TEST_IMAGE", "natports-echod:test")
+TABLE = ("inet", "natports")
+
+
+def sh(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), check=check, capture_output=True, text=True, input=input)
+
+
+def delete_natports_table() -> None:
+    sh("nft", "delete", "table", *TABLE, check=False)
+
+
+@dataclass
+class ClientNet:
+    """A network namespace joined to the host by a veth pair.
+
+    `host_ip` is the host's "public" address as the client sees it.
+    """
+
+    ns: str
+    host_if: str
+    host_ip: str
+    client_ip: str
+
+    @classmethod
+    def create(cls, index: int) -> ClientNet:
+        tag = f"{os.getpid() % 10000}{index}"
+        net = cls(
+            ns=f"npc-{tag}",
+            host_if=f"nph{tag}",
+            host_ip=f"198.18.{index}.1",
+            client_ip=f"198.18.{index}.2",
+        )
+        peer = f"npp{tag}"
+        try:
+            sh("ip", "netns", "add", net.ns)
+            sh("ip", "link", "add", net.host_if, "type", "veth", "peer", "name", peer)
+            sh("ip", "link", "set", peer, "netns", net.ns)
+            sh("ip", "addr", "add", f"{net.host_ip}/24", "dev", net.host_if)
+            sh("ip", "link", "set", net.host_if, "up")
+            net.exec("ip", "addr", "add", f"{net.client_ip}/24", "dev", peer)
+            net.exec("ip", "link", "set", peer, "up")
+            net.exec("ip", "link", "set", "lo", "up")
+        except BaseException:
+            net.destroy()
+            raise
+        return net
+
+    def exec(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.ns, *args, check=check)
+
+    def client(self, *args: str) -> dict[str, Any]:
+        out = self.exec(sys.executable, NETCLIENT, *args).stdout.strip().splitlines()
+        return dict(json.loads(out[-1]))
+
+    def connect_once(self, port: int, host: str | None = None) -> dict[str, Any]:
+        return self.client("once", host or self.host_ip, str(port))
+
+    def hold(self, port: int, host: str | None = None) -> HeldFlow:
+        return HeldFlow(
+            ["ip", "netns", "exec", self.ns, sys.executable, NETCLIENT, "hold",
+             host or self.host_ip, str(port)]
+        )
+
+    def hammer(self, port: int, rate: int, max_seconds: float, stopfile: Path) -> Hammer:
+        return Hammer(
+            ["ip", "netns", "exec", self.ns, sys.executable, NETCLIENT, "hammer",
+             self.host_ip, str(port), str(rate), str(max_seconds), str(stopfile)],
+            stopfile,
+        )
+
+    def destroy(self) -> None:
+        sh("ip", "link", "del", self.host_if, check=False)
+        sh("ip", "netns", "del", self.ns, check=False)
+
+
+class HeldFlow:
+    """One long-lived TCP connection, driven line by line."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        first = self._line()
+        if "tag" not in first:
+            self.close()
+            raise AssertionError(f"held flow did not connect: {first}")
+        self.tag = str(first["tag"])
+
+    def _line(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            return {"error": f"client exited: {err.strip()[-500:]}"}
+        return dict(json.loads(line))
+
+    def ask(self, text: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        result = self._line()
+        if "answer" not in result:
+            raise AssertionError(f"held flow failed: {result}")
+        return str(result["answer"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+class Hammer:
+    """Opens connections continuously until stopped; reports per-tag counts and failures."""
+
+    def __init__(self, argv: list[str], stopfile: Path) -> None:
+        self.stopfile = stopfile
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert json.loads(self.proc.stdout.readline()) == {"started": True}
+
+    def stop(self) -> dict[str, Any]:
+        self.stopfile.touch()
+        out, _ = self.proc.communicate(timeout=60)
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    ip: str
+
+
+class Containers:
+    """Starts echod containers the way Dokku would (loopback-published private ports)."""
+
+    def __init__(self) -> None:
+        import docker
+        import docker.errors
+
+        self.client = docker.from_env()
+        try:
+            self.client.images.get(TEST_IMAGE)
+        except docker.errors.ImageNotFound:
+            # Never let Docker try a registry: build the image locally instead.
+            raise AssertionError(f"{TEST_IMAGE} is missing: run ./scripts/test") from None
+        self.started: list[str] = []
+        self.prefix = f"nptest-{uuid.uuid4().hex[:6]}"
+
+    def start(
+        self,
+        tag: str,
+        ports: Sequence[int] = (5025,),
+        app: str | None = None,
+        process_type: str = "web",
+        name: str | None = None,
+        publish: bool = True,
+        udp: bool = True,
+    ) -> Container:
+        labels = {}
+        if app is not None:
+            labels = {
+                "com.dokku.app-name": app,
+                "com.dokku.process-type": process_type,
+                "com.dokku.container-type": "deploy",
+            }
+        published: dict[str, tuple[str, None]] = {}
+        if publish:
+            for port in ports:
+                published[f"{port}/tcp"] = ("127.0.0.1", None)
+                if udp:
+                    published[f"{port}/udp"] = ("127.0.0.1", None)
+        container = self.client.containers.run(
+            TEST_IMAGE,
+            command=[tag, *map(str, ports)],
+            name=name or f"{self.prefix}-{len(self.started)}",
+            labels=labels,
+            ports=published,
+            detach=True,
+        )
+        self.started.append(container.id)
+        container.reload()
+        ip = container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
+        return Container(container.id, container.name, ip)
+
+    def stop(self, cid: str, timeout: int = 5) -> None:
+        self.client.containers.get(cid).stop(timeout=timeout)
+
+    def rename(self, cid: str, name: str) -> None:
+        self.client.containers.get(cid).rename(name)
+
+    def remove_all(self) -> None:
+        import docker.errors
+
+        for cid in self.started:
+            try:
+                self.client.containers.get(cid).remove(force=True)
+            except docker.errors.NotFound:
+                pass
+        self.started.clear()
+
+
+class Cli:
+    """The real `natports` CLI, run as a subprocess against a private state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.state = root / "state"
+        self.dokku_root = root / "dokku"
+        self.config = root / "natports.toml"
+        self.dokku_root.mkdir(parents=True, exist_ok=True)
+
+    def argv(self, *args: str) -> list[str]:
+        return [
+            sys.executable, "-m", "natports",
+            "--state-dir", str(self.state),
+            "--dokku-root", str(self.dokku_root),
+            "--config", str(self.config),
+            *args,
+        ]
+
+    def __call__(
+        self, *args: str, input: str | None = None, expect: int | None = 0
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, input=input)
+        if expect is not None and proc.returncode != expect:
+            raise AssertionError(
+                f"natports {' '.join(args)}: exit {proc.returncode}, expected {expect}\n"
+                f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+            )
+        return proc
+
+    def status(self) -> list[dict[str, Any]]:
+        return list(json.loads(self("status", "--json").stdout))
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def iter_lines(text: str) -> Iterator[str]:
+    yield from (line for line in text.splitlines() if line.strip())

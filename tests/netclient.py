@@ -1,0 +1,113 @@
+"""A test client that runs inside a network namespace (`ip netns exec NS python -m ...`).
+
+Modes (all print one JSON object per result line on stdout):
+  once HOST PORT            connect, read the greeting tag
+  hold HOST PORT            connect, print the tag, then for each stdin line send it and
+                            print the answer: a long-lived flow a test can drive
+  hammer HOST PORT RATE MAX_SECONDS STOPFILE
+                            open RATE connections per second until STOPFILE exists (or
+                            MAX_SECONDS pass); report counts per tag and every failure
+  udp HOST PORT MSG         send one datagram, print the answer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+
+
+def _greeting(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before greeting")
+        data += chunk
+    return data.decode().strip()
+
+
+def once(host: str, port: int) -> dict[str, object]:
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            return {"tag": _greeting(sock)}
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def hold(host: str, port: int) -> None:
+    sock = socket.create_connection((host, port), timeout=10)
+    print(json.dumps({"tag": _greeting(sock)}), flush=True)
+    reader = sock.makefile("rb")
+    for line in sys.stdin:
+        try:
+            sock.sendall(line.encode())
+            answer = reader.readline().decode().strip()
+            print(json.dumps({"answer": answer} if answer else {"error": "closed"}), flush=True)
+        except OSError as exc:
+            print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+
+
+def hammer(host: str, port: int, rate: float, max_seconds: float, stopfile: str) -> None:
+    tags: Counter[str] = Counter()
+    failures: list[str] = []
+    interval = 1.0 / rate
+    start = time.monotonic()
+    next_at = start
+    attempts = 0
+    print(json.dumps({"started": True}), flush=True)
+    while time.monotonic() - start < max_seconds and not os.path.exists(stopfile):
+        result = once(host, port)
+        attempts += 1
+        if "tag" in result:
+            tags[str(result["tag"])] += 1
+        else:
+            failures.append(str(result["error"]))
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    elapsed = time.monotonic() - start
+    print(
+        json.dumps(
+            {
+                "attempts": attempts,
+                "seconds": elapsed,
+                "rate": attempts / elapsed if elapsed else 0.0,
+                "tags": dict(tags),
+                "failures": failures,
+            }
+        ),
+        flush=True,
+    )
+
+
+def udp(host: str, port: int, message: str) -> dict[str, object]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(3)
+        sock.sendto(message.encode(), (host, port))
+        try:
+            return {"answer": sock.recv(4096).decode()}
+        except OSError as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def main(argv: list[str]) -> None:
+    mode, host, port = argv[0], argv[1], int(argv[2])
+    if mode == "once":
+        print(json.dumps(once(host, port)), flush=True)
+    elif mode == "hold":
+        hold(host, port)
+    elif mode == "hammer":
+        hammer(host, port, float(argv[3]), float(argv[4]), argv[5])
+    elif mode == "udp":
+        print(json.dumps(udp(host, port, argv[3])), flush=True)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
