@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from . import engine
+from .backends.nftables import NftBackend
 from .errors import InputError, NatportsError
 from .model import Mapping
 from .store import Store
@@ -74,10 +76,24 @@ def handles_errors(func: F) -> F:
     type=click.Path(path_type=Path),
     help="The operator's config file (host policy).",
 )
+@click.option(
+    "--nft-table",
+    envvar="NATPORTS_NFT_TABLE",
+    default="natports",
+    show_default=True,
+    hidden=True,
+    help="Name of the inet table natports owns (tests use their own).",
+)
 @click.pass_context
-def main(ctx: click.Context, state_dir: Path, dokku_root: Path, config_path: Path) -> None:
+def main(
+    ctx: click.Context, state_dir: Path, dokku_root: Path, config_path: Path, nft_table: str
+) -> None:
     """Public TCP/UDP ports for Dokku apps through kernel DNAT."""
-    ctx.obj = engine.Context(Store(state_dir), dokku_root, config_path)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", nft_table):
+        raise click.BadParameter("must be a plain nft identifier", param_hint="--nft-table")
+    ctx.obj = engine.Context(
+        Store(state_dir), dokku_root, config_path, backend=NftBackend(f"inet {nft_table}")
+    )
 
 
 def _read_input(source: str) -> tuple[bytes, str]:

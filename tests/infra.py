@@ -5,6 +5,7 @@ Everything created here is removed again, also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -18,10 +19,13 @@ from typing import Any
 
 NETCLIENT = str(Path(__file__).with_name("netclient.py"))
 TEST_IMAGE = os.environ.get("NATPORTS_TEST_IMAGE", "natports-echod:test")
-TABLE = ("inet", "natports")
+NFT_TABLE = "natports_test"  # tests never touch a real installation's table
+TABLE = ("inet", NFT_TABLE)
 
 
-def sh(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    *args: str, check: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), check=check, capture_output=True, text=True, input=input)
 
 
@@ -77,14 +81,35 @@ class ClientNet:
 
     def hold(self, port: int, host: str | None = None) -> HeldFlow:
         return HeldFlow(
-            ["ip", "netns", "exec", self.ns, sys.executable, NETCLIENT, "hold",
-             host or self.host_ip, str(port)]
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                sys.executable,
+                NETCLIENT,
+                "hold",
+                host or self.host_ip,
+                str(port),
+            ]
         )
 
     def hammer(self, port: int, rate: int, max_seconds: float, stopfile: Path) -> Hammer:
         return Hammer(
-            ["ip", "netns", "exec", self.ns, sys.executable, NETCLIENT, "hammer",
-             self.host_ip, str(port), str(rate), str(max_seconds), str(stopfile)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns,
+                sys.executable,
+                NETCLIENT,
+                "hammer",
+                self.host_ip,
+                str(port),
+                str(rate),
+                str(max_seconds),
+                str(stopfile),
+            ],
             stopfile,
         )
 
@@ -221,10 +246,8 @@ class Containers:
         import docker.errors
 
         for cid in self.started:
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 self.client.containers.get(cid).remove(force=True)
-            except docker.errors.NotFound:
-                pass
         self.started.clear()
 
 
@@ -239,10 +262,17 @@ class Cli:
 
     def argv(self, *args: str) -> list[str]:
         return [
-            sys.executable, "-m", "natports",
-            "--state-dir", str(self.state),
-            "--dokku-root", str(self.dokku_root),
-            "--config", str(self.config),
+            sys.executable,
+            "-m",
+            "natports",
+            "--state-dir",
+            str(self.state),
+            "--dokku-root",
+            str(self.dokku_root),
+            "--config",
+            str(self.config),
+            "--nft-table",
+            NFT_TABLE,
             *args,
         ]
 

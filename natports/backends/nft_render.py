@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..model import Route, RouteKey
 
-TABLE = "inet natports"
+TABLE = "inet natports"  # family and name; tests use another name to stay apart
 HAIRPIN_MARK = 0x00100000
 PRIORITY_DNAT = -110
 PRIORITY_SNAT = 90
@@ -64,20 +64,20 @@ def element_key(key: RouteKey) -> str:
     return f"{head}{key.protocol} . {key.public_port}"
 
 
-def skeleton() -> list[str]:
+def skeleton(table: str = TABLE) -> list[str]:
     """The fixed part: declared with `add` (idempotent), base chains flushed and refilled."""
     lines = [
-        f"add table {TABLE}",
-        f"add map {TABLE} any4 {{ type inet_proto . inet_service : verdict ; }}",
-        f"add map {TABLE} any6 {{ type inet_proto . inet_service : verdict ; }}",
-        f"add map {TABLE} addr4 {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
-        f"add map {TABLE} addr6 {{ type ipv6_addr . inet_proto . inet_service : verdict ; }}",
-        f"add chain {TABLE} dispatch",
-        f"flush chain {TABLE} dispatch",
-        f"add rule {TABLE} dispatch ip daddr . meta l4proto . th dport vmap @addr4",
-        f"add rule {TABLE} dispatch ip6 daddr . meta l4proto . th dport vmap @addr6",
-        f"add rule {TABLE} dispatch meta nfproto ipv4 meta l4proto . th dport vmap @any4",
-        f"add rule {TABLE} dispatch meta nfproto ipv6 meta l4proto . th dport vmap @any6",
+        f"add table {table}",
+        f"add map {table} any4 {{ type inet_proto . inet_service : verdict ; }}",
+        f"add map {table} any6 {{ type inet_proto . inet_service : verdict ; }}",
+        f"add map {table} addr4 {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
+        f"add map {table} addr6 {{ type ipv6_addr . inet_proto . inet_service : verdict ; }}",
+        f"add chain {table} dispatch",
+        f"flush chain {table} dispatch",
+        f"add rule {table} dispatch ip daddr . meta l4proto . th dport vmap @addr4",
+        f"add rule {table} dispatch ip6 daddr . meta l4proto . th dport vmap @addr6",
+        f"add rule {table} dispatch meta nfproto ipv4 meta l4proto . th dport vmap @any4",
+        f"add rule {table} dispatch meta nfproto ipv6 meta l4proto . th dport vmap @any6",
     ]
     for hook, prio in (
         ("prerouting", PRIORITY_DNAT),
@@ -85,40 +85,40 @@ def skeleton() -> list[str]:
         ("postrouting", PRIORITY_SNAT),
     ):
         lines.append(
-            f"add chain {TABLE} {hook} {{ type nat hook {hook} priority {prio} ; policy accept ; }}"
+            f"add chain {table} {hook} {{ type nat hook {hook} priority {prio} ; policy accept ; }}"
         )
-        lines.append(f"flush chain {TABLE} {hook}")
+        lines.append(f"flush chain {table} {hook}")
     lines += [
-        f"add rule {TABLE} prerouting fib daddr type local jump dispatch",
-        f"add rule {TABLE} output ip daddr != 127.0.0.0/8 fib daddr type local jump dispatch",
-        f"add rule {TABLE} output ip6 daddr != ::1 fib daddr type local jump dispatch",
-        f"add rule {TABLE} postrouting meta mark & {HAIRPIN_MARK:#010x} == {HAIRPIN_MARK:#010x} "
+        f"add rule {table} prerouting fib daddr type local jump dispatch",
+        f"add rule {table} output ip daddr != 127.0.0.0/8 fib daddr type local jump dispatch",
+        f"add rule {table} output ip6 daddr != ::1 fib daddr type local jump dispatch",
+        f"add rule {table} postrouting meta mark & {HAIRPIN_MARK:#010x} == {HAIRPIN_MARK:#010x} "
         f"meta mark set meta mark ^ {HAIRPIN_MARK:#010x} masquerade",
     ]
     return lines
 
 
-def route_lines(route: Route) -> list[str]:
+def route_lines(route: Route, table: str = TABLE) -> list[str]:
     """Create or refill one route's chain, counter and map element."""
     name = chain_name(route.app, route.key)
     ip = "ip" if route.key.family == 4 else "ip6"
     lines = [
-        f"add counter {TABLE} {name}",
-        f"add chain {TABLE} {name}",
-        f"flush chain {TABLE} {name}",
+        f"add counter {table} {name}",
+        f"add chain {table} {name}",
+        f"flush chain {table} {name}",
     ]
     if route.hairpin_subnets:
         subnets = ", ".join(route.hairpin_subnets)
         lines.append(
-            f"add rule {TABLE} {name} {ip} saddr {{ {subnets} }} "
+            f"add rule {table} {name} {ip} saddr {{ {subnets} }} "
             f"meta mark set meta mark | {HAIRPIN_MARK:#010x}"
         )
     lines.append(
-        f"add rule {TABLE} {name} meta l4proto {route.key.protocol} counter name {name} "
+        f"add rule {table} {name} meta l4proto {route.key.protocol} counter name {name} "
         f"dnat {ip} to {_targets(route)}"
     )
     lines.append(
-        f"add element {TABLE} {map_name(route.key)} {{ {element_key(route.key)} : goto {name} }}"
+        f"add element {table} {map_name(route.key)} {{ {element_key(route.key)} : goto {name} }}"
     )
     return lines
 
@@ -133,22 +133,25 @@ def _targets(route: Route) -> str:
 
 
 def removal_lines(
-    elements: Iterable[LiveElement], chains: Iterable[str], counters: Iterable[str]
+    elements: Iterable[LiveElement],
+    chains: Iterable[str],
+    counters: Iterable[str],
+    table: str = TABLE,
 ) -> list[str]:
     """Delete objects; each is first `add`ed so that a missing one cannot fail the batch."""
     lines: list[str] = []
     for el in sorted(elements, key=lambda e: (e.map, e.key)):
-        lines.append(f"add chain {TABLE} {el.target}")
-        lines.append(f"add element {TABLE} {el.map} {{ {el.key} : goto {el.target} }}")
-        lines.append(f"delete element {TABLE} {el.map} {{ {el.key} }}")
+        lines.append(f"add chain {table} {el.target}")
+        lines.append(f"add element {table} {el.map} {{ {el.key} : goto {el.target} }}")
+        lines.append(f"delete element {table} {el.map} {{ {el.key} }}")
     for chain in sorted(chains):
         lines += [
-            f"add chain {TABLE} {chain}",
-            f"flush chain {TABLE} {chain}",
-            f"delete chain {TABLE} {chain}",
+            f"add chain {table} {chain}",
+            f"flush chain {table} {chain}",
+            f"delete chain {table} {chain}",
         ]
     for counter in sorted(counters):
-        lines += [f"add counter {TABLE} {counter}", f"delete counter {TABLE} {counter}"]
+        lines += [f"add counter {table} {counter}", f"delete counter {table} {counter}"]
     return lines
 
 
@@ -158,37 +161,39 @@ def _live_of(route: Route) -> LiveElement:
     )
 
 
-def render_app(previous: Sequence[Route], desired: Sequence[Route]) -> str:
+def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE) -> str:
     """One app's switch: the skeleton, what the app no longer has removed, the rest refilled."""
     wanted = {chain_name(r.app, r.key) for r in desired}
     gone = [r for r in previous if chain_name(r.app, r.key) not in wanted]
-    lines = skeleton()
+    lines = skeleton(table)
     lines += removal_lines(
         [_live_of(r) for r in gone],
         [chain_name(r.app, r.key) for r in gone],
         [chain_name(r.app, r.key) for r in gone],
+        table,
     )
     for route in sorted(desired, key=lambda r: r.key):
-        lines += route_lines(route)
+        lines += route_lines(route, table)
     return "\n".join(lines) + "\n"
 
 
-def render_reconcile(live: LiveTable | None, desired: Sequence[Route]) -> str:
+def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
     """Make the whole table exactly `desired`, whatever it held (drift included)."""
     wanted_elements = {_live_of(r) for r in desired}
     wanted_chains = {chain_name(r.app, r.key) for r in desired}
-    lines = skeleton()
+    lines = skeleton(table)
     if live is not None:
         route_chains = {c for c in live.chains if c.startswith(("a_", "a6_"))}
         lines += removal_lines(
             live.elements - wanted_elements,
             route_chains - wanted_chains,
             live.counters - wanted_chains,
+            table,
         )
     for route in sorted(desired, key=lambda r: r.key):
-        lines += route_lines(route)
+        lines += route_lines(route, table)
     return "\n".join(lines) + "\n"
 
 
-def render_flush_all() -> str:
-    return f"add table {TABLE}\ndelete table {TABLE}\n"
+def render_flush_all(table: str = TABLE) -> str:
+    return f"add table {table}\ndelete table {table}\n"

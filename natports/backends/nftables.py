@@ -19,19 +19,20 @@ class NftBackend:
 
     name = "nftables"
 
-    def __init__(self, nft: str = "nft") -> None:
+    def __init__(self, table: str = nft_render.TABLE, nft: str = "nft") -> None:
+        self.table = table
         self.nft = nft
 
     # -- planning (pure apart from reading our own table) ----------------------------
 
     def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
-        return nft_render.render_app(previous, desired)
+        return nft_render.render_app(previous, desired, self.table)
 
     def plan_reconcile(self, desired: Sequence[Route]) -> str:
-        return nft_render.render_reconcile(self.live(), desired)
+        return nft_render.render_reconcile(self.live(), desired, self.table)
 
     def plan_flush_all(self) -> str:
-        return nft_render.render_flush_all()
+        return nft_render.render_flush_all(self.table)
 
     # -- effects ------------------------------------------------------------------------
 
@@ -40,16 +41,14 @@ class NftBackend:
         self._nft(["-f", "-"], batch)
 
     def live(self) -> LiveTable | None:
-        out = self._nft(["-j", "list", "table", *nft_render.TABLE.split()], missing_ok=True)
+        out = self._nft(["-j", "list", "table", *self.table.split()], missing_ok=True)
         if out is None:
             return None
         return parse_live(json.loads(out))
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """chain name -> (packets, bytes) of each route's named counter."""
-        out = self._nft(
-            ["-j", "list", "counters", "table", *nft_render.TABLE.split()], missing_ok=True
-        )
+        out = self._nft(["-j", "list", "counters", "table", *self.table.split()], missing_ok=True)
         if out is None:
             return {}
         result: dict[str, tuple[int, int]] = {}
@@ -78,8 +77,8 @@ class NftBackend:
                 "nft: operation not permitted",
                 "natports needs root (CAP_NET_ADMIN) to change kernel rules",
             )
-        first = err.splitlines()[0] if err else f"exit status {proc.returncode}"
-        raise NatportsError(f"nft failed: {first}", "nothing was changed; see `nft` output above")
+        detail = err or f"exit status {proc.returncode}"
+        raise NatportsError(f"nft failed: {detail}", "the batch is atomic: nothing was changed")
 
 
 def parse_live(doc: dict[str, Any]) -> LiveTable:

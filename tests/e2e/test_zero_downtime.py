@@ -10,7 +10,7 @@ from tests.infra import Cli, ClientNet, Containers, sh
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
-PORT = 40025  # public port: high, so that no host service or policy is involved
+PORT = 41025  # public port: high, so that no host service or policy is involved
 
 
 def route_to(cli: Cli, app: str, *container_ids: str) -> None:
@@ -123,7 +123,11 @@ def test_another_container_reaches_the_public_port(
     server = containers.start("srv")
     route_to(cli, "mail", server.id)
     other = containers.start("other")
-    out = docker.from_env().containers.get(other.id).exec_run(
-        ["/bin/busybox", "sh", "-c", f"echo | /bin/busybox nc -w 3 {client_net.host_ip} {PORT}"]
+    out = (
+        docker.from_env()
+        .containers.get(other.id)
+        .exec_run(
+            ["/bin/busybox", "sh", "-c", f"echo | /bin/busybox nc -w 3 {client_net.host_ip} {PORT}"]
+        )
     )
     assert out.output.decode().splitlines()[:1] == ["srv"], out
