@@ -1,0 +1,181 @@
+"""The nftables backend against the real kernel: atomicity, idempotence, ownership, DNAT."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from ipaddress import ip_address
+
+import pytest
+
+from natports.backends.nftables import NftBackend
+from natports.errors import NatportsError
+from natports.model import Backend, Protocol, Route, RouteKey
+from tests.infra import NFT_TABLE, ClientNet, sh
+
+pytestmark = pytest.mark.usefixtures("clean_kernel")
+
+TABLE = f"inet {NFT_TABLE}"
+
+
+def route(app: str, port: int, *backends: tuple[str, int], family: int = 4) -> Route:
+    return Route(
+        app=app,
+        process_type="web",
+        key=RouteKey(family, Protocol.TCP, port),
+        private_port=backends[0][1],
+        backends=tuple(Backend(f"c-{ip}", ip_address(ip), p) for ip, p in backends),
+    )
+
+
+@pytest.fixture
+def nft() -> NftBackend:
+    return NftBackend(TABLE)
+
+
+def listing() -> str:
+    return sh("nft", "list", "table", *TABLE.split()).stdout
+
+
+def counter_handles() -> dict[str, int]:
+    doc = json.loads(sh("nft", "-j", "list", "counters", "table", *TABLE.split()).stdout)
+    return {c["counter"]["name"]: c["counter"]["handle"] for c in doc["nftables"] if "counter" in c}
+
+
+def test_a_switch_is_idempotent(nft: NftBackend) -> None:
+    routes = [route("mail", 41025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_app([], routes))
+    first = listing()
+    nft.run(nft.plan_app(routes, routes))
+    assert listing() == first
+
+
+def test_a_failing_batch_changes_nothing(nft: NftBackend) -> None:
+    old = [route("mail", 41025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_app([], old))
+    before = listing()
+    new = [route("mail", 41025, ("172.30.0.3", 5025)), route("mail", 41026, ("172.30.0.3", 5026))]
+    batch = nft.plan_app(old, new) + f"add rule {TABLE} no_such_chain counter\n"
+    with pytest.raises(NatportsError) as err:
+        nft.run(batch)
+    assert "no_such_chain" in err.value.message or "No such file" in err.value.message
+    assert listing() == before
+
+
+def test_switching_one_app_leaves_other_apps_objects_alone(nft: NftBackend) -> None:
+    mail = [route("mail", 41025, ("172.30.0.2", 5025))]
+    chat = [route("chat", 41026, ("172.30.0.5", 6000))]
+    nft.run(nft.plan_app([], mail))
+    nft.run(nft.plan_app([], chat))
+    # Give chat's counter a value, then switch mail: chat's batch text names no chat object.
+    batch = nft.plan_app(mail, [route("mail", 41025, ("172.30.0.9", 5025))])
+    assert "chat" not in batch
+    nft.run(batch)
+    text = listing()
+    assert "dnat ip to 172.30.0.5:6000" in text
+    assert "dnat ip to 172.30.0.9:5025" in text
+    assert "172.30.0.2" not in text
+
+
+def test_removed_routes_leave_no_objects(nft: NftBackend) -> None:
+    both = [route("mail", 41025, ("172.30.0.2", 5025)), route("mail", 41026, ("172.30.0.2", 5026))]
+    nft.run(nft.plan_app([], both))
+    nft.run(nft.plan_app(both, both[:1]))
+    live = nft.live()
+    assert live is not None
+    assert not any("41026" in c for c in live.chains | live.counters)
+    assert {e.key for e in live.elements} == {"tcp . 41025"}
+
+
+def test_removal_of_objects_already_gone_does_not_fail(nft: NftBackend) -> None:
+    """State says a route exists but the kernel lost it (reboot): removing it still works."""
+    ghost = [route("mail", 41025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_app(ghost, []))
+    live = nft.live()
+    assert live is not None and not live.elements
+
+
+def test_reconcile_removes_drift_and_keeps_counters(nft: NftBackend) -> None:
+    mail = [route("mail", 41025, ("172.30.0.2", 5025))]
+    stale = [route("gone", 41030, ("172.30.0.7", 5025))]
+    nft.run(nft.plan_app([], mail + stale))
+    before = counter_handles()
+    nft.run(nft.plan_reconcile(mail))
+    assert counter_handles()["a_mail_tcp_41025"] == before["a_mail_tcp_41025"]
+    live = nft.live()
+    assert live is not None
+    assert {c for c in live.chains if c.startswith("a_")} == {"a_mail_tcp_41025"}
+    assert live.counters == {"a_mail_tcp_41025"}
+    assert {e.target for e in live.elements} == {"a_mail_tcp_41025"}
+
+
+def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
+    probe = ("inet", f"{NFT_TABLE}_probe")  # a table this test owns, standing in for others
+    sh("nft", "add", "table", *probe)
+    try:
+        nft.run(nft.plan_app([], [route("mail", 41025, ("172.30.0.2", 5025))]))
+        nft.run(nft.plan_flush_all())
+        assert nft.live() is None
+        nft.run(nft.plan_flush_all())  # idempotent
+        assert sh("nft", "list", "table", *probe).returncode == 0
+    finally:
+        sh("nft", "delete", "table", *probe, check=False)
+
+
+class TagServer:
+    """A host-local TCP server that greets with a tag: a backend without Docker."""
+
+    def __init__(self, host: str, tag: str) -> None:
+        self.tag = tag
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(f"{self.tag}\n".encode())
+            reader = conn.makefile("rb")
+            for line in reader:
+                conn.sendall(f"{self.tag} {line.decode().strip()}\n".encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def servers(client_net: ClientNet) -> Iterator[list[TagServer]]:
+    made = [TagServer(client_net.host_ip, tag) for tag in ("one", "two")]
+    yield made
+    for server in made:
+        server.close()
+
+
+def test_kernel_dnat_switch_keeps_established_flows(
+    nft: NftBackend, client_net: ClientNet, servers: list[TagServer]
+) -> None:
+    """The conntrack property the product rests on, with host-local backends."""
+    one, two = servers
+    first = [route("mail", 41040, (client_net.host_ip, one.port))]
+    nft.run(nft.plan_app([], first))
+    held = client_net.hold(41040)
+    try:
+        assert held.tag == "one"
+        second = [route("mail", 41040, (client_net.host_ip, two.port))]
+        nft.run(nft.plan_app(first, second))
+        assert client_net.connect_once(41040) == {"tag": "two"}
+        assert held.ask("ping") == "one ping"
+    finally:
+        held.close()
+    counters = nft.counters()
+    assert counters["a_mail_tcp_41040"][0] >= 2  # one packet per new flow, at least
