@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -266,3 +267,29 @@ def test_flush_and_rm(cli: Cli, client_net: ClientNet, containers: Containers) -
     cli("flush")
     assert not table_exists()
     assert json.loads(cli("ports", "show", "mail", "--json").stdout)[0]["public_port"] == PORT
+
+
+def test_concurrent_applies_of_different_apps_lose_nothing(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    apps = [f"app{i}" for i in range(6)]
+    started = {}
+    for i, app in enumerate(apps):
+        cli("ports", "set", app, input=f"{PORT + i}:5025\n")
+        started[app] = containers.start(f"t{i}")
+    procs = [
+        subprocess.Popen(
+            cli.argv("apply", "--app", app, "--container", started[app].id),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for app in apps
+    ]
+    assert [p.wait() for p in procs] == [0] * len(apps)
+    for p in procs:
+        assert p.stdout and p.stderr
+        p.stdout.close()
+        p.stderr.close()
+    assert sorted(r["app"] for r in cli.status()) == apps
+    for i in range(len(apps)):
+        assert client_net.connect_once(PORT + i) == {"tag": f"t{i}"}
