@@ -51,7 +51,7 @@ ensure_venv() {
         "$(python_bin)" -m venv "$VENV"
     fi
     log "installing natports and its test extras into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$NATPORTS_ROOT[test]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "${NATPORTS_ROOT}[test]"
 }
 
 start_dockerd() {
@@ -61,8 +61,8 @@ start_dockerd() {
     log "starting dockerd"
     dockerd >/var/log/natports-test-dockerd.log 2>&1 &
     STARTED_DOCKERD_PID=$!
-    local i
-    for i in $(seq 1 60); do
+    local _
+    for _ in $(seq 1 60); do
         if docker info >/dev/null 2>&1; then
             return 0
         fi
@@ -83,7 +83,8 @@ stop_dockerd() {
 
 build_test_image() {
     # busybox-static plus our static echo server, imported (no registry is reachable).
-    local dir
+    local dir old
+    old="$(docker image inspect -f '{{.Id}}' "$TEST_IMAGE" 2>/dev/null || true)"
     dir="$(mktemp -d)"
     mkdir -p "$dir/bin"
     gcc -static -O2 -Wall -Wextra -Werror -o "$dir/bin/echod" "$NATPORTS_ROOT/tests/image/echod.c"
@@ -91,5 +92,8 @@ build_test_image() {
     ln -s busybox "$dir/bin/sh"
     tar -C "$dir" -c . | docker import -c 'ENTRYPOINT ["/bin/echod"]' - "$TEST_IMAGE" >/dev/null
     rm -rf "$dir"
+    if [ -n "$old" ] && [ "$old" != "$(docker image inspect -f '{{.Id}}' "$TEST_IMAGE")" ]; then
+        docker rmi "$old" >/dev/null 2>&1 || true  # the replaced build, unless still in use
+    fi
     log "built $TEST_IMAGE"
 }
