@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -237,7 +236,3 @@ def status(ctx: engine.Context, as_json: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-def run() -> None:  # pragma: no cover - console entry for `python -m natports`
-    main(prog_name=os.path.basename(sys.argv[0]) or "natports")

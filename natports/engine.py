@@ -144,7 +144,8 @@ def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
             failed[app] = exc.message
             desired[app] = _previous(ctx, app)  # a broken app keeps what it had
     every = [r for routes in desired.values() for r in routes]
-    batch = ctx.backend.plan_reconcile(every)
+    # Nothing to route at all: no table either, rather than an empty one.
+    batch = ctx.backend.plan_reconcile(every) if every else ctx.backend.plan_flush_all()
     if not dry_run:
         ctx.backend.run(batch)
         for app in configured:
