@@ -180,10 +180,10 @@ def apply_cmd(
     report = engine.apply(ctx, app, containers, dry_run)
     if dry_run:
         click.echo(report.batch, nl=False)
-        return
-    for name in report.applied:
-        click.echo(f"{name}: routed")
-    if app is not None and not report.applied and not report.batch:
+    else:
+        for name in report.applied:
+            click.echo(f"{name}: routed")
+    if app is not None and not report.batch:
         click.echo(f"{app}: no mappings, nothing to route")
     for name, why in sorted(report.failed.items()):
         click.echo(f"natports: {name}: kept its previous routes: {why}", err=True)

@@ -104,7 +104,10 @@ class Docker:
     def __init__(self) -> None:
         import docker
         import docker.errors
+        import requests.exceptions
 
+        # requests' own errors (a dockerd restart, a timeout) are not DockerExceptions.
+        self._failures = (docker.errors.DockerException, requests.exceptions.RequestException)
         self._errors = docker.errors
         try:
             self._client = docker.from_env(timeout=30)
@@ -120,7 +123,7 @@ class Docker:
             data = self._client.api.inspect_container(ref)
         except self._errors.NotFound:
             raise AppProblem(f'container "{ref}" does not exist') from None
-        except self._errors.DockerException as exc:
+        except self._failures as exc:
             raise NatportsError(f"Docker failed to inspect {ref}: {_first_line(exc)}") from None
         return parse_inspect(data)
 
@@ -130,7 +133,7 @@ class Docker:
                 all=False,
                 filters={"label": [f"{LABEL_APP}={app}", f"{LABEL_PROCESS}={process_type}"]},
             )
-        except self._errors.DockerException as exc:
+        except self._failures as exc:
             raise NatportsError(f"Docker failed to list containers: {_first_line(exc)}") from None
         return [self.inspect(str(c["Id"])) for c in found]
 

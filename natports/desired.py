@@ -65,7 +65,7 @@ def build_routes(
                 )
     if problems:
         raise AppProblem("\n".join(dict.fromkeys(problems)))
-    return tuple(sorted(routes, key=lambda r: r.key))
+    return tuple(sorted(routes, key=Route.sort_key))
 
 
 def _wanted(mapping: Mapping) -> int:

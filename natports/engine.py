@@ -63,7 +63,7 @@ def validate_for_app(ctx: Context, app: str, data: bytes, filename: str) -> tupl
     """Grammar, then conflicts with every other app, then the host policy: all errors at once."""
     require_app_name(app)
     result = parse_bytes(data)
-    others = {a: m for a, m in ctx.store.all_mappings().items() if a != app}
+    others = _claims(ctx, app)
     errors: list[SpecError] = list(result.errors)
     errors += check_conflicts(app, result.mappings, others)
     errors += check_policy(result.mappings, load_policy(ctx.config_path), ctx.listeners())
@@ -71,6 +71,19 @@ def validate_for_app(ctx: Context, app: str, data: bytes, filename: str) -> tupl
         errors.sort(key=lambda e: (e.line, e.col))
         raise InputError([e.format(filename) for e in errors])
     return tuple(loc.mapping for loc in result.mappings)
+
+
+def _claims(ctx: Context, app: str) -> dict[str, tuple[Mapping, ...]]:
+    """What every other app holds: its stored mappings and what the kernel still routes for it.
+
+    A port an app dropped from its PORTS stays its own until an apply removes the rules.
+    """
+    claims = {a: m for a, m in ctx.store.all_mappings().items() if a != app}
+    for other in ctx.store.applied_apps():
+        applied = ctx.store.applied(other)
+        if other != app and applied is not None:
+            claims[other] = claims.get(other, ()) + tuple(r.claim() for r in applied.routes)
+    return claims
 
 
 def set_ports(ctx: Context, app: str, data: bytes, filename: str) -> tuple[Mapping, ...]:
@@ -113,6 +126,23 @@ def _previous(ctx: Context, app: str) -> tuple[Route, ...]:
     return applied.routes if applied else ()
 
 
+def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> None:
+    """Run a batch so that the stored state never misses what the kernel may hold.
+
+    Before: each app's applied state grows to previous + desired (removal is
+    idempotent, so over-claiming is safe). After success: exactly desired.
+    """
+    for app, desired in intents.items():
+        merged = {r.key: r for r in _previous(ctx, app)}
+        merged.update((r.key, r) for r in desired)
+        if merged:
+            routes = tuple(sorted(merged.values(), key=Route.sort_key))
+            ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
+    ctx.backend.run(batch)
+    for app, desired in intents.items():
+        _record(ctx, app, desired)
+
+
 def _record(ctx: Context, app: str, routes: tuple[Route, ...]) -> None:
     if routes:
         ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
@@ -128,8 +158,7 @@ def _apply_app(ctx: Context, app: str, containers: Sequence[str], dry_run: bool)
         return ApplyReport("", (), {})  # nothing to route and nothing to remove
     batch = ctx.backend.plan_app(previous, desired)
     if not dry_run:
-        ctx.backend.run(batch)
-        _record(ctx, app, desired)
+        _run(ctx, batch, {app: desired})
     return ApplyReport(batch, (app,) if desired else (), {})
 
 
@@ -143,16 +172,22 @@ def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
         except AppProblem as exc:
             failed[app] = exc.message
             desired[app] = _previous(ctx, app)  # a broken app keeps what it had
+    # A broken app's kept routes yield to healthy apps' routes on the same key.
+    healthy = {r.key for a, routes in desired.items() if a not in failed for r in routes}
+    for app in failed:
+        clashing = [r for r in desired[app] if r.key in healthy]
+        if clashing:
+            desired[app] = tuple(r for r in desired[app] if r.key not in healthy)
+            ports = ", ".join(r.claim().public_text() for r in clashing)
+            failed[app] += f"\n{ports}: now routed to another app"
     every = [r for routes in desired.values() for r in routes]
     # Nothing to route at all: no table either, rather than an empty one.
     batch = ctx.backend.plan_reconcile(every) if every else ctx.backend.plan_flush_all()
     if not dry_run:
-        ctx.backend.run(batch)
-        for app in configured:
-            if app not in failed:
-                _record(ctx, app, desired[app])
+        intents = {a: routes for a, routes in desired.items()}
         for app in set(ctx.store.applied_apps()) - set(configured):
-            ctx.store.remove_applied(app)
+            intents[app] = ()
+        _run(ctx, batch, intents)
     applied = tuple(a for a in configured if a not in failed and desired[a])
     return ApplyReport(batch, applied, failed)
 
@@ -176,8 +211,7 @@ def _flush_app(ctx: Context, app: str, dry_run: bool) -> str:
         return ""
     batch = ctx.backend.plan_app(previous, ())
     if not dry_run:
-        ctx.backend.run(batch)
-        ctx.store.remove_applied(app)
+        _run(ctx, batch, {app: ()})
     return batch
 
 

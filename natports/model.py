@@ -113,7 +113,7 @@ class Backend:
         return cls(str(data["container_id"]), ip_address(str(data["ip"])), int(str(data["port"])))
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class RouteKey:
     """What a new flow is matched on; unique across all apps on a host."""
 
@@ -122,8 +122,12 @@ class RouteKey:
     public_port: int
     public_ip: IPAddress | None = None
 
+    def sort_key(self) -> tuple[int, str, int, str]:
+        """A total order (None and addresses do not compare with each other)."""
+        return (self.family, str(self.protocol), self.public_port, str(self.public_ip or ""))
 
-@dataclass(frozen=True, order=True)
+
+@dataclass(frozen=True)
 class Route:
     """One public port of one app, and where its new flows go."""
 
@@ -134,6 +138,19 @@ class Route:
     backends: tuple[Backend, ...] = field(default=())
     # Subnets of the backends' networks: flows from there back to them need masquerade.
     hairpin_subnets: tuple[str, ...] = field(default=())
+
+    def sort_key(self) -> tuple[int, str, int, str]:
+        return self.key.sort_key()
+
+    def claim(self) -> Mapping:
+        """The public side this route occupies, as a one-port mapping (for conflict checks)."""
+        return Mapping(
+            public_port=self.key.public_port,
+            private_port=self.private_port,
+            protocol=self.key.protocol,
+            public_ip=self.key.public_ip,
+            process_type=self.process_type,
+        )
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -197,6 +197,9 @@ def _parse_port(text: str, col: int, side: str) -> int:
         raise _LineError(col, f"missing {side} port")
     if not _NUMBER.fullmatch(text):
         raise _LineError(col, f'{side} port "{text}" is not a number')
+    if len(text) > 5:  # also keeps int() away from absurdly long digit runs
+        shown = text if len(text) <= 12 else text[:12] + "..."
+        raise _LineError(col, f"{side} port {shown} is out of range ({PORT_MIN}-{PORT_MAX})")
     value = int(text)
     if not PORT_MIN <= value <= PORT_MAX:
         raise _LineError(col, f"{side} port {value} is out of range ({PORT_MIN}-{PORT_MAX})")
@@ -212,6 +215,10 @@ def _parse_ip(text: str, col: int, want_v6: bool) -> IPAddress:
         raise _LineError(col, "an IPv6 host address must be written in brackets")
     if isinstance(addr, IPv4Address) and want_v6:
         raise _LineError(col, f"{addr} is IPv4: write it without brackets")
+    if isinstance(addr, IPv6Address) and addr.scope_id:
+        raise _LineError(col, f"{addr}: a zone index (%) cannot be a public address")
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        raise _LineError(col, f"{addr} is IPv4-mapped: write {addr.ipv4_mapped} instead")
     if addr.is_loopback:
         raise _LineError(
             col, f"{addr} is a loopback address: natports does not DNAT loopback traffic"

@@ -33,6 +33,24 @@ class Applied:
     routes: tuple[Route, ...]
 
 
+def _state_error(what: str, exc: OSError) -> NatportsError:
+    return NatportsError(
+        f"{what}: {exc.strerror}",
+        "run as root, or point --state-dir / NATPORTS_STATE_DIR somewhere writable",
+    )
+
+
+@contextlib.contextmanager
+def _shape_checked(path: Path) -> Iterator[None]:
+    """A state file that parses as JSON but has the wrong shape is corrupt, not a crash."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+        raise NatportsError(
+            f"{path} is corrupt ({type(exc).__name__}: {exc})", "restore or remove the file"
+        ) from None
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,7 +61,10 @@ class Store:
     def locked(self) -> Iterator[None]:
         """One lock for all apps: two deploys at once never lose each other's update."""
         self._ensure_dirs()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise _state_error(f"cannot open {self.root / 'lock'}", exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -59,9 +80,11 @@ class Store:
         data = self._read(self.root / "apps" / f"{app}.json")
         if data is None:
             return None
-        items = data.get("mappings", [])
-        assert isinstance(items, list)
-        return tuple(Mapping.from_json(m) for m in items)
+        path = self.root / "apps" / f"{app}.json"
+        with _shape_checked(path):
+            items = data["mappings"]
+            assert isinstance(items, list)
+            return tuple(Mapping.from_json(m) for m in items)
 
     def all_mappings(self) -> dict[str, tuple[Mapping, ...]]:
         result: dict[str, tuple[Mapping, ...]] = {}
@@ -89,11 +112,10 @@ class Store:
         data = self._read(self.root / "applied" / f"{app}.json")
         if data is None:
             return None
-        routes = data.get("routes", [])
-        assert isinstance(routes, list)
-        return Applied(
-            str(data.get("backend", "nftables")), tuple(Route.from_json(r) for r in routes)
-        )
+        with _shape_checked(self.root / "applied" / f"{app}.json"):
+            routes = data["routes"]
+            assert isinstance(routes, list)
+            return Applied(str(data["backend"]), tuple(Route.from_json(r) for r in routes))
 
     def set_applied(self, app: str, applied: Applied) -> None:
         self._write(
@@ -141,6 +163,12 @@ class Store:
         return data
 
     def _write(self, path: Path, data: dict[str, object]) -> None:
+        try:
+            self._write_atomically(path, data)
+        except OSError as exc:
+            raise _state_error(f"cannot write {path}", exc) from None
+
+    def _write_atomically(self, path: Path, data: dict[str, object]) -> None:
         self._ensure_dirs()
         payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -160,9 +188,11 @@ class Store:
     def _unlink(self, path: Path) -> bool:
         try:
             path.unlink()
+            self._fsync_dir(path.parent)
         except FileNotFoundError:
             return False
-        self._fsync_dir(path.parent)
+        except OSError as exc:
+            raise _state_error(f"cannot remove {path}", exc) from None
         return True
 
     @staticmethod

@@ -172,7 +172,7 @@ def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str =
         [chain_name(r.app, r.key) for r in gone],
         table,
     )
-    for route in sorted(desired, key=lambda r: r.key):
+    for route in sorted(desired, key=Route.sort_key):
         lines += route_lines(route, table)
     return "\n".join(lines) + "\n"
 
@@ -190,7 +190,7 @@ def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: st
             live.counters - wanted_chains,
             table,
         )
-    for route in sorted(desired, key=lambda r: r.key):
+    for route in sorted(desired, key=Route.sort_key):
         lines += route_lines(route, table)
     return "\n".join(lines) + "\n"
 

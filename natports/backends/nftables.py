@@ -77,8 +77,10 @@ class NftBackend:
                 "nft: operation not permitted",
                 "natports needs root (CAP_NET_ADMIN) to change kernel rules",
             )
-        detail = err or f"exit status {proc.returncode}"
-        raise NatportsError(f"nft failed: {detail}", "the batch is atomic: nothing was changed")
+        first = err.splitlines()[0] if err else f"exit status {proc.returncode}"
+        raise NatportsError(
+            f"nft failed: {first}", "the batch is atomic: nothing was changed (see --dry-run)"
+        )
 
 
 def parse_live(doc: dict[str, Any]) -> LiveTable:

@@ -123,34 +123,35 @@ def test_nft_missing(cli: Cli, tmp_path: Path) -> None:
     assert "natports: nft not found" in err and "apt-get install nftables" in err
 
 
-def test_not_root(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # A state directory an unprivileged user may write, so that nft is what refuses.
-    root = Path(tempfile.mkdtemp(prefix="natports-nobody-"))
-    try:
-        root.chmod(0o777)
-        cli = Cli(root)
-        for path in (cli.dokku_root,):
-            path.chmod(0o777)
-        proc = sh(
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            *cli.argv("flush"),
-            check=False,
-        )
-    finally:
-        shutil.rmtree(root)
-    proc = sh(
+def as_nobody(cli: Cli, *args: str) -> subprocess.CompletedProcess[str]:
+    return sh(
         "setpriv",
         "--reuid=nobody",
         "--regid=nogroup",
         "--clear-groups",
-        *cli.argv("flush"),
+        *cli.argv(*args),
         check=False,
     )
-    assert proc.returncode == 1, proc
-    assert "natports needs root (CAP_NET_ADMIN)" in proc.stderr, proc.stderr
+
+
+def test_not_root() -> None:
+    root = Path(tempfile.mkdtemp(prefix="natports-nobody-"))
+    try:
+        root.chmod(0o755)
+        cli = Cli(root)
+        # root's state directory: the lock cannot even be taken
+        cli.state.mkdir()
+        proc = as_nobody(cli, "ports", "set", "mail", "/dev/null")
+        assert proc.returncode == 1, proc
+        assert proc.stderr.startswith("natports: cannot ") and "Traceback" not in proc.stderr
+        assert "hint: run as root" in proc.stderr
+        # a state directory nobody may write, so that the kernel is what refuses
+        cli.state.chmod(0o777)
+        proc = as_nobody(cli, "flush")
+        assert proc.returncode == 1, proc
+        assert "natports needs root (CAP_NET_ADMIN)" in proc.stderr, proc.stderr
+    finally:
+        shutil.rmtree(root)
 
 
 # -- routing through discovery ---------------------------------------------------------------
@@ -293,3 +294,29 @@ def test_concurrent_applies_of_different_apps_lose_nothing(
     assert sorted(r["app"] for r in cli.status()) == apps
     for i in range(len(apps)):
         assert client_net.connect_once(PORT + i) == {"tag": f"t{i}"}
+
+
+def test_a_port_moves_to_another_app_only_once_released(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "alpha", input=f"{PORT}:5025\n")
+    a = containers.start("alpha1")
+    b = containers.start("beta1")
+    cli("apply", "--app", "alpha", "--container", a.id)
+    cli("ports", "set", "alpha", input=f"{PORT + 1}:5025\n")  # alpha drops the port...
+    err = cli("ports", "set", "beta", input=f"{PORT}:5025\n", expect=2).stderr
+    assert f'port {PORT}/tcp is already mapped by app "alpha"' in err  # ...but still routes it
+    cli("apply", "--app", "alpha", "--container", a.id)
+    cli("ports", "set", "beta", input=f"{PORT}:5025\n")
+    cli("apply", "--app", "beta", "--container", b.id)
+    assert client_net.connect_once(PORT) == {"tag": "beta1"}
+    assert client_net.connect_once(PORT + 1) == {"tag": "alpha1"}
+    cli("ports", "rm", "alpha")
+    assert client_net.connect_once(PORT) == {"tag": "beta1"}
+
+
+def test_dry_run_reports_failing_apps(cli: Cli, containers: Containers) -> None:
+    cli("ports", "set", "ghost", input=f"{PORT}:5025\n")
+    proc = cli("apply", "--dry-run", expect=1)
+    assert 'no running container for process type "web"' in proc.stderr
+    assert not table_exists()
