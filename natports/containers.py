@@ -94,7 +94,7 @@ def newest_release(containers: Iterable[ContainerInfo]) -> list[ContainerInfo]:
     running = [c for c in containers if c.running]
     if not running:
         return []
-    newest = max(running, key=lambda c: c.created)
+    newest = max(running, key=lambda c: _created_order(c.created))
     return sorted((c for c in running if c.image == newest.image), key=lambda c: c.name)
 
 
@@ -178,6 +178,15 @@ def current_containers(
         else:
             result[proc] = newest_release(docker.labelled(app, proc))
     return result
+
+
+def _created_order(created: str) -> str:
+    """Docker's RFC 3339 times drop trailing zeros of the fraction: pad it to compare as text."""
+    head, dot, rest = created.partition(".")
+    if not dot:
+        return created.removesuffix("Z") + ".000000000"
+    digits = "".join(ch for ch in rest if ch.isdigit())
+    return f"{head}.{digits:0<9}"
 
 
 def _first_line(exc: BaseException) -> str:

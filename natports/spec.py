@@ -197,7 +197,7 @@ def _parse_port(text: str, col: int, side: str) -> int:
         raise _LineError(col, f"missing {side} port")
     if not _NUMBER.fullmatch(text):
         raise _LineError(col, f'{side} port "{text}" is not a number')
-    if len(text) > 5:  # also keeps int() away from absurdly long digit runs
+    if len(text.lstrip("0")) > 5:  # also keeps int() away from absurdly long digit runs
         shown = text if len(text) <= 12 else text[:12] + "..."
         raise _LineError(col, f"{side} port {shown} is out of range ({PORT_MIN}-{PORT_MAX})")
     value = int(text)

@@ -45,7 +45,7 @@ def _shape_checked(path: Path) -> Iterator[None]:
     """A state file that parses as JSON but has the wrong shape is corrupt, not a crash."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, AssertionError) as exc:
+    except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as exc:
         raise NatportsError(
             f"{path} is corrupt ({type(exc).__name__}: {exc})", "restore or remove the file"
         ) from None
