@@ -73,11 +73,12 @@ start_dockerd() {
 }
 
 stop_dockerd() {
-    if [ -n "$STARTED_DOCKERD_PID" ]; then
+    local pid="$STARTED_DOCKERD_PID"
+    STARTED_DOCKERD_PID=""
+    if [ -n "$pid" ]; then
         log "stopping the dockerd this script started"
-        kill "$STARTED_DOCKERD_PID" 2>/dev/null || true
-        wait "$STARTED_DOCKERD_PID" 2>/dev/null || true
-        STARTED_DOCKERD_PID=""
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
     fi
 }
 
