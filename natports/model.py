@@ -51,11 +51,14 @@ class Mapping:
         """(public, private) for every port of the range."""
         return [(self.public_port + i, self.private_port + i) for i in range(self.count)]
 
+    def _host(self) -> str:
+        if self.public_ip is None:
+            return ""
+        return f"[{self.public_ip}]:" if self.public_ip.version == 6 else f"{self.public_ip}:"
+
     def public_text(self) -> str:
         """The public side as an operator writes it: `[ip:]port[-end]/proto`."""
-        host = ""
-        if self.public_ip is not None:
-            host = f"[{self.public_ip}]:" if self.public_ip.version == 6 else f"{self.public_ip}:"
+        host = self._host()
         ports = str(self.public_port)
         if self.count > 1:
             ports += f"-{self.public_end}"
@@ -63,9 +66,7 @@ class Mapping:
 
     def to_line(self) -> str:
         """The canonical PORTS line for this mapping (parses back to an equal Mapping)."""
-        host = ""
-        if self.public_ip is not None:
-            host = f"[{self.public_ip}]:" if self.public_ip.version == 6 else f"{self.public_ip}:"
+        host = self._host()
         pub = str(self.public_port)
         priv = str(self.private_port)
         if self.count > 1:

@@ -33,15 +33,6 @@ def client_net() -> Iterator[ClientNet]:
         net.destroy()
 
 
-@pytest.fixture(scope="session")
-def second_client_net() -> Iterator[ClientNet]:
-    net = ClientNet.create(78)
-    try:
-        yield net
-    finally:
-        net.destroy()
-
-
 @pytest.fixture
 def containers() -> Iterator[Containers]:
     made = Containers()
