@@ -73,45 +73,23 @@ class ClientNet:
         return sh("ip", "netns", "exec", self.ns, *args, check=check)
 
     def client(self, *args: str) -> dict[str, Any]:
-        out = self.exec(sys.executable, NETCLIENT, *args).stdout.strip().splitlines()
+        out = sh(*self._netclient(*args)).stdout.strip().splitlines()
         return dict(json.loads(out[-1]))
 
     def connect_once(self, port: int, host: str | None = None) -> dict[str, Any]:
         return self.client("once", host or self.host_ip, str(port))
 
+    def _netclient(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns, sys.executable, NETCLIENT, *args]
+
     def hold(self, port: int, host: str | None = None) -> HeldFlow:
-        return HeldFlow(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns,
-                sys.executable,
-                NETCLIENT,
-                "hold",
-                host or self.host_ip,
-                str(port),
-            ]
-        )
+        return HeldFlow(self._netclient("hold", host or self.host_ip, str(port)))
 
     def hammer(self, port: int, rate: int, max_seconds: float, stopfile: Path) -> Hammer:
-        return Hammer(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.ns,
-                sys.executable,
-                NETCLIENT,
-                "hammer",
-                self.host_ip,
-                str(port),
-                str(rate),
-                str(max_seconds),
-                str(stopfile),
-            ],
-            stopfile,
+        argv = self._netclient(
+            "hammer", self.host_ip, str(port), str(rate), str(max_seconds), str(stopfile)
         )
+        return Hammer(argv, stopfile)
 
     def destroy(self) -> None:
         sh("ip", "link", "del", self.host_if, check=False)
