@@ -5,48 +5,20 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
 from . import engine
 from .backends.nftables import NftBackend
-from .errors import InputError, NatportsError
+from .cli_support import handles_errors, read_input
+from .errors import InputError
 from .model import Mapping
 from .store import Store
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_STATE_DIR = "/var/lib/natports"
 DEFAULT_DOKKU_ROOT = "/home/dokku"
 DEFAULT_CONFIG = "/etc/natports/natports.toml"
-
-
-def _fail(message: str, hint: str | None, code: int) -> None:
-    click.echo(f"natports: {message}", err=True)
-    if hint:
-        click.echo(f"hint: {hint}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(func: F) -> F:
-    """Turn natports' exceptions into a message for people and the right exit code."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except InputError as exc:
-            for problem in exc.problems:
-                click.echo(problem, err=True)
-            sys.exit(2)
-        except NatportsError as exc:
-            _fail(exc.message, exc.hint, 1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,21 +67,12 @@ def main(
     )
 
 
-def _read_input(source: str) -> tuple[bytes, str]:
-    if source == "-":
-        return sys.stdin.buffer.read(), "<stdin>"
-    try:
-        return Path(source).read_bytes(), source
-    except OSError as exc:
-        raise InputError([f"{source}: cannot read: {exc.strerror}"]) from None
-
-
 @main.command()
 @click.argument("file")
 @handles_errors
 def check(file: str) -> None:
     """Validate a PORTS file (grammar only); FILE may be - for stdin."""
-    data, name = _read_input(file)
+    data, name = read_input(file)
     result = engine.check_file(data, name)
     click.echo(f"{name}: ok, {len(result.mappings)} mapping(s)")
 
@@ -126,7 +89,7 @@ def ports() -> None:
 @handles_errors
 def ports_set(ctx: engine.Context, app: str, file: str) -> None:
     """Validate FILE (default: stdin) and store it as APP's mappings. Run `apply` to route."""
-    data, name = _read_input(file)
+    data, name = read_input(file)
     if name == "<stdin>":
         name = "PORTS"
     mappings = engine.set_ports(ctx, app, data, name)
@@ -236,3 +199,8 @@ def status(ctx: engine.Context, as_json: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+from .dokku_cli import dokku  # noqa: E402  (registers after main exists)
+
+main.add_command(dokku)

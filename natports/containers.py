@@ -118,6 +118,11 @@ class Docker:
                 "is dockerd running, and may this user use its socket (DOCKER_HOST)?",
             ) from None
 
+    @property
+    def client(self) -> Any:
+        """The SDK client, for the few callers that need more than discovery."""
+        return self._client
+
     def inspect(self, ref: str) -> ContainerInfo:
         try:
             data = self._client.api.inspect_container(ref)

@@ -18,7 +18,7 @@ from .errors import InputError, NatportsError
 from .listeners import host_listeners
 from .model import Mapping, Route, is_valid_app_name
 from .policy import Listener, check_conflicts, check_policy, load_policy
-from .spec import ParseResult, SpecError, parse_bytes
+from .spec import Located, ParseResult, SpecError, parse_bytes
 from .store import Applied, Store
 
 
@@ -63,14 +63,17 @@ def validate_for_app(ctx: Context, app: str, data: bytes, filename: str) -> tupl
     """Grammar, then conflicts with every other app, then the host policy: all errors at once."""
     require_app_name(app)
     result = parse_bytes(data)
-    others = _claims(ctx, app)
-    errors: list[SpecError] = list(result.errors)
-    errors += check_conflicts(app, result.mappings, others)
-    errors += check_policy(result.mappings, load_policy(ctx.config_path), ctx.listeners())
+    errors = list(result.errors) + check_claims(ctx, app, result.mappings)
     if errors:
         errors.sort(key=lambda e: (e.line, e.col))
         raise InputError([e.format(filename) for e in errors])
     return tuple(loc.mapping for loc in result.mappings)
+
+
+def check_claims(ctx: Context, app: str, located: Sequence[Located]) -> list[SpecError]:
+    """Conflicts with every other app, then the host policy."""
+    errors = check_conflicts(app, located, _claims(ctx, app))
+    return errors + check_policy(located, load_policy(ctx.config_path), ctx.listeners())
 
 
 def _claims(ctx: Context, app: str) -> dict[str, tuple[Mapping, ...]]:
@@ -97,7 +100,7 @@ def remove_ports(ctx: Context, app: str) -> bool:
     """Forget the app: its rules go first, then its config."""
     require_app_name(app)
     with ctx.store.locked():
-        _flush_app(ctx, app, dry_run=False)
+        flush_app_unlocked(ctx, app)
         return ctx.store.remove_mappings(app)
 
 
@@ -108,7 +111,7 @@ def apply(
         raise InputError(["--container needs --app: containers belong to one app"])
     with ctx.store.locked():
         if app is not None:
-            return _apply_app(ctx, app, containers, dry_run)
+            return apply_app_unlocked(ctx, app, containers, dry_run)
         return _apply_all(ctx, dry_run)
 
 
@@ -150,7 +153,10 @@ def _record(ctx: Context, app: str, routes: tuple[Route, ...]) -> None:
         ctx.store.remove_applied(app)
 
 
-def _apply_app(ctx: Context, app: str, containers: Sequence[str], dry_run: bool) -> ApplyReport:
+def apply_app_unlocked(
+    ctx: Context, app: str, containers: Sequence[str] = (), dry_run: bool = False
+) -> ApplyReport:
+    """Route one app; the caller holds the store's lock."""
     require_app_name(app)
     desired = _desired_for(ctx, app, containers)
     previous = _previous(ctx, app)
@@ -196,7 +202,7 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
     with ctx.store.locked():
         if app is not None:
             require_app_name(app)
-            return _flush_app(ctx, app, dry_run)
+            return flush_app_unlocked(ctx, app, dry_run)
         batch = ctx.backend.plan_flush_all()
         if not dry_run:
             ctx.backend.run(batch)
@@ -205,7 +211,8 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
         return batch
 
 
-def _flush_app(ctx: Context, app: str, dry_run: bool) -> str:
+def flush_app_unlocked(ctx: Context, app: str, dry_run: bool = False) -> str:
+    """Remove one app's rules; the caller holds the store's lock."""
     previous = _previous(ctx, app)
     if not previous:
         return ""

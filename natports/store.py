@@ -131,6 +131,20 @@ class Store:
     def remove_applied(self, app: str) -> bool:
         return self._unlink(self.root / "applied" / f"{app}.json")
 
+    # -- documents of other layers (the Dokku plugin's sources and staged PORTS) ----------
+
+    def document(self, kind: str, app: str) -> dict[str, object] | None:
+        return self._read(self.root / kind / f"{app}.json")
+
+    def set_document(self, kind: str, app: str, data: dict[str, object]) -> None:
+        self._write(self.root / kind / f"{app}.json", {"version": SCHEMA_VERSION, **data})
+
+    def remove_document(self, kind: str, app: str) -> bool:
+        return self._unlink(self.root / kind / f"{app}.json")
+
+    def documents(self, kind: str) -> list[str]:
+        return self._names(kind)
+
     # -- files -------------------------------------------------------------------
 
     def _ensure_dirs(self) -> None:
@@ -170,6 +184,7 @@ class Store:
 
     def _write_atomically(self, path: Path, data: dict[str, object]) -> None:
         self._ensure_dirs()
+        path.parent.mkdir(mode=0o755, exist_ok=True)
         payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:

@@ -1,0 +1,288 @@
+"""The Dokku plugin's use cases: staged PORTS per deploy, Dokku's `ports:set` map, life cycle.
+
+An app's mappings come from two sources, kept apart in the state directory:
+    dokku/APP.json    the live sources: the PORTS file of the running release and
+                      Dokku's tcp/udp port map
+    staged/APP.json   the sources of the release being deployed (written at
+                      post-extract, promoted at post-deploy)
+The effective mappings (`apps/APP.json`) are the PORTS file's lines plus every
+port-map entry whose public port the PORTS file does not already claim: on a
+clash the PORTS file wins, because it travels with the code being deployed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from . import engine
+from .errors import InputError, NatportsError
+from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol
+from .spec import Located, SpecError, overlaps, parse_bytes
+
+LIVE = "dokku"
+STAGED = "staged"
+_MAP_ENTRY = re.compile(r"^([a-z0-9]+):([0-9]{1,5}):([0-9]{1,5})$")
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+
+
+@dataclass(frozen=True)
+class Sources:
+    ports_file: tuple[Mapping, ...] | None  # None: the release has no PORTS file
+    ports_map: tuple[Mapping, ...]
+
+    def merged(self) -> tuple[Mapping, ...]:
+        from_file = self.ports_file or ()
+        extra = tuple(m for m in self.ports_map if not any(overlaps(m, f) for f in from_file))
+        return from_file + extra
+
+    def shadowed(self) -> tuple[Mapping, ...]:
+        """Port-map entries the PORTS file overrides (reported, not an error)."""
+        from_file = self.ports_file or ()
+        return tuple(m for m in self.ports_map if any(overlaps(m, f) for f in from_file))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ports_file": None
+            if self.ports_file is None
+            else [m.to_json() for m in self.ports_file],
+            "ports_map": [m.to_json() for m in self.ports_map],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Sources:
+        ports_file = data.get("ports_file")
+        ports_map = data.get("ports_map", [])
+        assert ports_file is None or isinstance(ports_file, list)
+        assert isinstance(ports_map, list)
+        return cls(
+            None if ports_file is None else tuple(Mapping.from_json(m) for m in ports_file),
+            tuple(Mapping.from_json(m) for m in ports_map),
+        )
+
+
+def parse_ports_map(entries: Sequence[str]) -> tuple[list[Located], list[str]]:
+    """Dokku's `SCHEME:HOST_PORT:CONTAINER_PORT` entries; only tcp and udp are ours."""
+    located: list[Located] = []
+    errors: list[str] = []
+    for index, entry in enumerate(entries, start=1):
+        match = _MAP_ENTRY.match(entry.strip())
+        if not match:
+            errors.append(f'ports:set entry "{entry}" is not SCHEME:HOST_PORT:CONTAINER_PORT')
+            continue
+        scheme, public, private = match.group(1), int(match.group(2)), int(match.group(3))
+        if scheme not in ("tcp", "udp"):
+            continue  # http, https, grpc...: Dokku's HTTP proxy serves those
+        if not (1 <= public <= 65535 and 1 <= private <= 65535):
+            errors.append(f'ports:set entry "{entry}": port out of range (1-65535)')
+            continue
+        mapping = Mapping(public, private, Protocol(scheme), process_type=DEFAULT_PROCESS_TYPE)
+        located.append(Located(mapping, index, 1))
+    return located, errors
+
+
+def _map_error(entries: Sequence[str], error: SpecError) -> str:
+    return f"ports:set {entries[error.line - 1]}: {error.message}"
+
+
+def _load(ctx: engine.Context, kind: str, app: str) -> Sources | None:
+    data = ctx.store.document(kind, app)
+    return None if data is None else Sources.from_json(data)
+
+
+def read_ports_from_image(ctx: engine.Context, image: str) -> bytes | None:
+    """The PORTS file inside an image (its working directory, /app, then /), if any."""
+    if not _IMAGE_RE.match(image):
+        raise InputError([f'"{image}" is not an image reference'])
+    client = ctx.docker().client
+    try:
+        return _ports_from_image(client, image)
+    except NatportsError:
+        raise
+    except Exception as exc:  # the SDK and requests raise many kinds
+        raise NatportsError(f"cannot read PORTS from image {image}: {exc}") from None
+
+
+def _ports_from_image(client: Any, image: str) -> bytes | None:
+    workdir = (client.api.inspect_image(image).get("Config") or {}).get("WorkingDir") or "/"
+    created = client.api.create_container(image, command=["/PORTS"], entrypoint=[])
+    try:
+        for folder in dict.fromkeys([workdir, "/app", "/"]):
+            path = str(PurePosixPath(folder) / "PORTS")
+            try:
+                stream, _ = client.api.get_archive(created["Id"], path)
+            except Exception:  # any failure here means "not there"
+                continue
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                member = tar.next()
+                handle = tar.extractfile(member) if member and member.isfile() else None
+                if handle is not None:
+                    return handle.read()
+        return None
+    finally:
+        client.api.remove_container(created["Id"], force=True)
+
+
+def stage(
+    ctx: engine.Context,
+    app: str,
+    ports_text: bytes | None,
+    ports_map: Sequence[str],
+    image: str | None = None,
+) -> Sources:
+    """post-extract: validate the new release's PORTS; bad input aborts the deploy here."""
+    engine.require_app_name(app)
+    if image is not None:
+        ports_text = read_ports_from_image(ctx, image)
+    with ctx.store.locked():
+        sources = _validated(ctx, app, ports_text, ports_map)
+        ctx.store.set_document(STAGED, app, sources.to_json())
+        return sources
+
+
+def _validated(
+    ctx: engine.Context, app: str, ports_text: bytes | None, ports_map: Sequence[str]
+) -> Sources:
+    problems: list[str] = []
+    file_located: list[Located] = []
+    if ports_text is not None:
+        result = parse_bytes(ports_text)
+        problems += [e.format("PORTS") for e in result.errors]
+        file_located = list(result.mappings)
+    map_located, map_errors = parse_ports_map(ports_map)
+    problems += map_errors
+    sources = Sources(
+        None if ports_text is None else tuple(loc.mapping for loc in file_located),
+        tuple(loc.mapping for loc in map_located),
+    )
+    kept_map = [loc for loc in map_located if loc.mapping not in sources.shadowed()]
+    problems += [e.format("PORTS") for e in engine.check_claims(ctx, app, file_located)]
+    problems += [_map_error(ports_map, e) for e in engine.check_claims(ctx, app, kept_map)]
+    if problems:
+        raise InputError(problems)
+    return sources
+
+
+def docker_args(ctx: engine.Context, app: str, process_type: str) -> list[str]:
+    """`-p 127.0.0.1::PRIVATE[/udp]` for each private port of the process type. Read-only."""
+    engine.require_app_name(app)
+    sources = _load(ctx, STAGED, app) or _load(ctx, LIVE, app)
+    if sources is None:
+        return []
+    ports: set[tuple[int, Protocol]] = set()
+    for mapping in sources.merged():
+        if mapping.process_type == process_type:
+            ports.update((private, mapping.protocol) for _, private in mapping.ports())
+    args: list[str] = []
+    for port, proto in sorted(ports):
+        args += ["-p", f"127.0.0.1::{port}{'/udp' if proto is Protocol.UDP else ''}"]
+    return args
+
+
+def promote(
+    ctx: engine.Context, app: str, ports_map: Sequence[str] | None
+) -> tuple[Sources, engine.ApplyReport | None]:
+    """post-deploy (and ports:set): make the staged sources live and route the app.
+
+    `ports_map` None keeps the last known map. Returns the live sources and the apply
+    report (None when the app has nothing to route and never had).
+    """
+    engine.require_app_name(app)
+    with ctx.store.locked():
+        current = _load(ctx, STAGED, app) or _load(ctx, LIVE, app) or Sources(None, ())
+        if ports_map is not None:
+            current = Sources(current.ports_file, _validated(ctx, app, None, ports_map).ports_map)
+        merged = current.merged()
+        # Claims may have changed since post-extract (another app deployed meanwhile).
+        located = [Located(m, i, 1) for i, m in enumerate(merged, start=1)]
+        clashes = engine.check_claims(ctx, app, located)
+        if clashes:
+            raise InputError([f"{merged[e.line - 1].to_line()}: {e.message}" for e in clashes])
+        ctx.store.set_document(LIVE, app, current.to_json())
+        ctx.store.remove_document(STAGED, app)
+        if merged:
+            ctx.store.set_mappings(app, merged)
+        else:
+            ctx.store.remove_mappings(app)
+        report = engine.apply_app_unlocked(ctx, app)
+        return current, report if report.batch else None
+
+
+def reapply(ctx: engine.Context, app: str) -> engine.ApplyReport | None:
+    """Containers may have new addresses (restart, reboot): route to the current ones."""
+    engine.require_app_name(app)
+    with ctx.store.locked():
+        if ctx.store.mappings(app) is None and ctx.store.applied(app) is None:
+            return None
+        report = engine.apply_app_unlocked(ctx, app)
+        return report if report.batch else None
+
+
+def stop(ctx: engine.Context, app: str) -> None:
+    """ps:stop: no container serves the app, so stop routing; the config stays."""
+    engine.require_app_name(app)
+    with ctx.store.locked():
+        engine.flush_app_unlocked(ctx, app)
+
+
+def delete(ctx: engine.Context, app: str) -> None:
+    """apps:destroy (and the old name of apps:rename): rules, config and sources go."""
+    engine.require_app_name(app)
+    with ctx.store.locked():
+        engine.flush_app_unlocked(ctx, app)
+        ctx.store.remove_mappings(app)
+        ctx.store.remove_document(LIVE, app)
+        ctx.store.remove_document(STAGED, app)
+
+
+def rename(ctx: engine.Context, old: str, new: str) -> None:
+    """apps:rename: the config follows the new name; the old name's rules go."""
+    engine.require_app_name(old)
+    engine.require_app_name(new)
+    with ctx.store.locked():
+        sources = _load(ctx, LIVE, old)
+        mappings = ctx.store.mappings(old)
+        engine.flush_app_unlocked(ctx, old)
+        if sources is not None:
+            ctx.store.set_document(LIVE, new, sources.to_json())
+        if mappings is not None:
+            ctx.store.set_mappings(new, mappings)
+        ctx.store.remove_mappings(old)
+        ctx.store.remove_document(LIVE, old)
+        ctx.store.remove_document(STAGED, old)
+
+
+def report(ctx: engine.Context, app: str) -> dict[str, object]:
+    engine.require_app_name(app)
+    sources = _load(ctx, LIVE, app)
+    staged = _load(ctx, STAGED, app)
+    applied = ctx.store.applied(app)
+    routes = applied.routes if applied else ()
+    backends = sorted({f"{b.container_id[:12]}@{b.ip}" for r in routes for b in r.backends})
+    mappings = ctx.store.mappings(app) or ()
+    return {
+        "app": app,
+        "mappings": [m.to_line() for m in mappings],
+        "ports_file": None
+        if sources is None or sources.ports_file is None
+        else [m.to_line() for m in sources.ports_file],
+        "ports_map": [] if sources is None else [m.to_line() for m in sources.ports_map],
+        "overridden_by_ports_file": []
+        if sources is None
+        else [m.to_line() for m in sources.shadowed()],
+        "staged": staged is not None,
+        "routed_ports": len(routes),
+        "backends": backends,
+        "backend": applied.backend if applied else None,
+    }
+
+
+def known_apps(ctx: engine.Context) -> list[str]:
+    return sorted(
+        set(ctx.store.apps()) | set(ctx.store.documents(LIVE)) | set(ctx.store.applied_apps())
+    )
