@@ -23,7 +23,7 @@ from typing import Any
 from . import engine
 from .errors import InputError, NatportsError
 from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol
-from .spec import Located, SpecError, overlaps, parse_bytes
+from .spec import Located, overlaps, parse_bytes
 
 LIVE = "dokku"
 STAGED = "staged"
@@ -67,7 +67,10 @@ class Sources:
 
 
 def parse_ports_map(entries: Sequence[str]) -> tuple[list[Located], list[str]]:
-    """Dokku's `SCHEME:HOST_PORT:CONTAINER_PORT` entries; only tcp and udp are ours."""
+    """Dokku's `SCHEME:HOST_PORT:CONTAINER_PORT` entries; only tcp and udp are ours.
+
+    Malformed entries give warnings: Dokku validated the map, so they are not ours to refuse.
+    """
     located: list[Located] = []
     errors: list[str] = []
     for index, entry in enumerate(entries, start=1):
@@ -84,10 +87,6 @@ def parse_ports_map(entries: Sequence[str]) -> tuple[list[Located], list[str]]:
         mapping = Mapping(public, private, Protocol(scheme), process_type=DEFAULT_PROCESS_TYPE)
         located.append(Located(mapping, index, 1))
     return located, errors
-
-
-def _map_error(entries: Sequence[str], error: SpecError) -> str:
-    return f"ports:set {entries[error.line - 1]}: {error.message}"
 
 
 def _load(ctx: engine.Context, kind: str, app: str) -> Sources | None:
@@ -134,38 +133,57 @@ def stage(
     ports_text: bytes | None,
     ports_map: Sequence[str],
     image: str | None = None,
-) -> Sources:
+) -> tuple[Sources, list[str]]:
     """post-extract: validate the new release's PORTS; bad input aborts the deploy here."""
     engine.require_app_name(app)
     if image is not None:
         ports_text = read_ports_from_image(ctx, image)
+    map_located, warnings = parse_ports_map(ports_map)
     with ctx.store.locked():
-        sources = _validated(ctx, app, ports_text, ports_map)
+        sources = Sources(_validated(ctx, app, ports_text), tuple(m.mapping for m in map_located))
+        warnings += _routable_map(ctx, app, sources)[1]
         ctx.store.set_document(STAGED, app, sources.to_json())
-        return sources
+        return sources, warnings
 
 
 def _validated(
-    ctx: engine.Context, app: str, ports_text: bytes | None, ports_map: Sequence[str]
-) -> Sources:
-    problems: list[str] = []
-    file_located: list[Located] = []
-    if ports_text is not None:
-        result = parse_bytes(ports_text)
-        problems += [e.format("PORTS") for e in result.errors]
-        file_located = list(result.mappings)
-    map_located, map_errors = parse_ports_map(ports_map)
-    problems += map_errors
-    sources = Sources(
-        None if ports_text is None else tuple(loc.mapping for loc in file_located),
-        tuple(loc.mapping for loc in map_located),
-    )
-    kept_map = [loc for loc in map_located if loc.mapping not in sources.shadowed()]
-    problems += [e.format("PORTS") for e in engine.check_claims(ctx, app, file_located)]
-    problems += [_map_error(ports_map, e) for e in engine.check_claims(ctx, app, kept_map)]
-    if problems:
-        raise InputError(problems)
-    return sources
+    ctx: engine.Context, app: str, ports_text: bytes | None
+) -> tuple[Mapping, ...] | None:
+    """The PORTS file of a release: grammar, conflicts and policy are errors (abort the deploy)."""
+    if ports_text is None:
+        return None
+    result = parse_bytes(ports_text)
+    errors = list(result.errors) + engine.check_claims(ctx, app, result.mappings)
+    if errors:
+        errors.sort(key=lambda e: (e.line, e.col))
+        raise InputError([e.format("PORTS") for e in errors])
+    return tuple(loc.mapping for loc in result.mappings)
+
+
+def _map_text(mapping: Mapping) -> str:
+    return f"{mapping.protocol}:{mapping.public_port}:{mapping.private_port}"
+
+
+def _routable_map(
+    ctx: engine.Context, app: str, sources: Sources
+) -> tuple[tuple[Mapping, ...], list[str]]:
+    """Port-map entries to route, and a warning for each one left out.
+
+    Dokku accepts any port map (and `apps:clone` copies it), so an entry whose
+    public port another app holds or the host policy refuses is skipped, not fatal.
+    """
+    shadowed = sources.shadowed()
+    candidates = [m for m in sources.ports_map if m not in shadowed]
+    located = [Located(m, i, 1) for i, m in enumerate(candidates, start=1)]
+    problems = engine.check_claims(ctx, app, located)
+    dropped = {e.line for e in problems}
+    warnings = [
+        f"ports:set {_map_text(candidates[e.line - 1])} is not routed: {e.message}"
+        for e in problems
+    ]
+    warnings += [f"ports:set {_map_text(m)} is overridden by PORTS" for m in shadowed]
+    kept = tuple(m for i, m in enumerate(candidates, start=1) if i not in dropped)
+    return kept, warnings
 
 
 def docker_args(ctx: engine.Context, app: str, process_type: str) -> list[str]:
@@ -185,32 +203,42 @@ def docker_args(ctx: engine.Context, app: str, process_type: str) -> list[str]:
 
 
 def promote(
-    ctx: engine.Context, app: str, ports_map: Sequence[str] | None
-) -> tuple[Sources, engine.ApplyReport | None]:
+    ctx: engine.Context, app: str, ports_map: Sequence[str] | None, from_stage: bool = True
+) -> tuple[engine.ApplyReport | None, list[str]]:
     """post-deploy (and ports:set): make the staged sources live and route the app.
 
-    `ports_map` None keeps the last known map. Returns the live sources and the apply
-    report (None when the app has nothing to route and never had).
+    `ports_map` None keeps the last known map. Returns the apply report (None when
+    the app has nothing to route and never had) and warnings for people.
     """
     engine.require_app_name(app)
+    warnings: list[str] = []
+    if ports_map is not None:
+        map_located, warnings = parse_ports_map(ports_map)
     with ctx.store.locked():
-        current = _load(ctx, STAGED, app) or _load(ctx, LIVE, app) or Sources(None, ())
+        staged = _load(ctx, STAGED, app) if from_stage else None
+        current = staged or _load(ctx, LIVE, app) or Sources(None, ())
         if ports_map is not None:
-            current = Sources(current.ports_file, _validated(ctx, app, None, ports_map).ports_map)
-        merged = current.merged()
+            current = Sources(current.ports_file, tuple(m.mapping for m in map_located))
         # Claims may have changed since post-extract (another app deployed meanwhile).
-        located = [Located(m, i, 1) for i, m in enumerate(merged, start=1)]
+        from_file = current.ports_file or ()
+        located = [Located(m, i, 1) for i, m in enumerate(from_file, start=1)]
         clashes = engine.check_claims(ctx, app, located)
         if clashes:
-            raise InputError([f"{merged[e.line - 1].to_line()}: {e.message}" for e in clashes])
+            raise InputError(
+                [f"PORTS {from_file[e.line - 1].to_line()}: {e.message}" for e in clashes]
+            )
+        kept, map_warnings = _routable_map(ctx, app, current)
+        warnings += map_warnings
         ctx.store.set_document(LIVE, app, current.to_json())
-        ctx.store.remove_document(STAGED, app)
+        if from_stage:
+            ctx.store.remove_document(STAGED, app)
+        merged = from_file + kept
         if merged:
             ctx.store.set_mappings(app, merged)
         else:
             ctx.store.remove_mappings(app)
         report = engine.apply_app_unlocked(ctx, app)
-        return current, report if report.batch else None
+        return (report if report.batch else None), warnings
 
 
 def reapply(ctx: engine.Context, app: str) -> engine.ApplyReport | None:

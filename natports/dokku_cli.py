@@ -14,6 +14,7 @@ import click
 from . import dokku as use
 from . import engine
 from .cli_support import handles_errors
+from .containers import AppProblem
 
 PORTS_MAP_HELP = (
     "Dokku's port map as space-separated SCHEME:HOST:CONTAINER entries "
@@ -23,6 +24,11 @@ PORTS_MAP_HELP = (
 
 def _map(value: str | None) -> list[str] | None:
     return None if value is None else value.split()
+
+
+def _warn(app: str, warnings: list[str]) -> None:
+    for warning in warnings:
+        click.echo(f"natports: {app}: warning: {warning}", err=True)
 
 
 @click.group()
@@ -42,13 +48,10 @@ def stage(
 ) -> None:
     """post-extract: validate the new release's PORTS (stdin) before any container changes."""
     text = None if (no_ports_file or image) else sys.stdin.buffer.read()
-    sources = use.stage(ctx, app, text, _map(ports_map) or [], image)
-    merged = sources.merged()
-    click.echo(f"natports: {app}: {len(merged)} port mapping(s) checked for this deploy")
-    for shadowed in sources.shadowed():
-        click.echo(
-            f"natports: {app}: ports:set {shadowed.public_text()} is overridden by PORTS", err=True
-        )
+    sources, warnings = use.stage(ctx, app, text, _map(ports_map) or [], image)
+    _warn(app, warnings)
+    found = "no PORTS file" if sources.ports_file is None else f"PORTS: {len(sources.ports_file)}"
+    click.echo(f"natports: {app}: {found} mapping(s) checked for this deploy")
 
 
 @dokku.command("docker-args")
@@ -70,9 +73,30 @@ def docker_args(ctx: engine.Context, app: str, process_type: str) -> None:
 @handles_errors
 def post_deploy(ctx: engine.Context, app: str, ports_map: str | None) -> None:
     """post-deploy / ports:set: make the staged mappings live and route to the new containers."""
-    _, report = use.promote(ctx, app, _map(ports_map))
+    report, warnings = use.promote(ctx, app, _map(ports_map))
+    _warn(app, warnings)
     if report is not None:
         click.echo(f"natports: {app}: new connections now go to the new containers")
+
+
+@dokku.command("ports-update")
+@click.argument("app")
+@click.option("--ports-map", required=True, help=PORTS_MAP_HELP)
+@click.pass_obj
+@handles_errors
+def ports_update(ctx: engine.Context, app: str, ports_map: str) -> None:
+    """post-proxy-ports-update: Dokku's port map changed; takes effect without a redeploy.
+
+    An app with no running containers keeps the new map for its next deploy.
+    """
+    try:
+        report, warnings = use.promote(ctx, app, _map(ports_map), from_stage=False)
+        _warn(app, warnings)
+    except AppProblem as exc:
+        click.echo(f"natports: {app}: map stored; not routed yet: {exc.message}", err=True)
+        return
+    if report is not None:
+        click.echo(f"natports: {app}: port map applied")
 
 
 @dokku.command("apply")
@@ -81,8 +105,12 @@ def post_deploy(ctx: engine.Context, app: str, ports_map: str | None) -> None:
 @handles_errors
 def reapply(ctx: engine.Context, app: str) -> None:
     """Route an app to its current containers again (restart, reboot)."""
-    if use.reapply(ctx, app) is not None:
-        click.echo(f"natports: {app}: routed to the current containers")
+    try:
+        if use.reapply(ctx, app) is not None:
+            click.echo(f"natports: {app}: routed to the current containers")
+    except AppProblem as exc:
+        click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
+        sys.exit(1)
 
 
 @dokku.command()
@@ -101,6 +129,14 @@ def stop(ctx: engine.Context, app: str) -> None:
 def delete(ctx: engine.Context, app: str) -> None:
     """post-delete: the app's rules, mappings and sources go."""
     use.delete(ctx, app)
+
+
+@dokku.command("flush-all")
+@click.pass_obj
+@handles_errors
+def flush_all(ctx: engine.Context) -> None:
+    """uninstall: remove every natports rule (stored mappings stay)."""
+    engine.flush(ctx)
 
 
 @dokku.command()

@@ -48,7 +48,10 @@ class ApplyReport:
 def require_app_name(app: str) -> None:
     if not is_valid_app_name(app):
         raise InputError(
-            [f'"{app}" is not a valid app name (lowercase letters, digits and dashes)']
+            [
+                f'"{app}" is not a valid app name (lowercase letters, digits, dots and '
+                "dashes, starting with a letter or digit)"
+            ]
         )
 
 

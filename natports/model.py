@@ -13,8 +13,8 @@ PORT_MIN = 1
 PORT_MAX = 65535
 DEFAULT_PROCESS_TYPE = "web"
 
-# Dokku's own rule for app names (lowercase alphanumerics and dashes).
-APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,199}$")
+# Dokku's rule for app names (plugins/common/common.go IsValidAppName), length-capped.
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,199}$")
 # Procfile process type names.
 PROCESS_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 
