@@ -102,6 +102,10 @@ class DokkuHost:
         plugn.chmod(0o755)
         self._installer("install-dokku-plugin")
 
+    def install_again(self) -> None:
+        """An upgrade: the documented install command, run once more."""
+        self._installer("install-dokku-plugin")
+
     def _installer(self, script: str, *args: str) -> None:
         env = {
             **os.environ,

@@ -201,3 +201,15 @@ def test_the_root_helper_refuses_bad_arguments(dokku: DokkuHost) -> None:
         "runuser", "-u", "dokku", "--", "sudo", "-n", "/usr/sbin/nft", "list", "tables", check=False
     )
     assert other.returncode != 0
+
+
+def test_reinstalling_and_the_install_trigger_keep_live_rules(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    assert dokku.deploy("mail", "v1", f"{PORT}:5025\n").ok
+    before = dokku.table()
+    dokku.install_again()
+    install = sh(str(dokku.plugin / "install"), check=False)  # as root, like Dokku
+    assert install.returncode == 0, install
+    assert dokku.table() == before
+    assert tags(client_net, PORT) == {"v1.web.1"}
