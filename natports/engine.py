@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.nft_render import chain_name
+from .backends.base import RouteBackend
 from .backends.nftables import NftBackend
 from .containers import AppProblem, Docker, current_containers
 from .desired import build_routes
@@ -27,7 +27,7 @@ class Context:
     store: Store
     dokku_root: Path
     config_path: Path
-    backend: NftBackend = field(default_factory=NftBackend)
+    backend: RouteBackend = field(default_factory=NftBackend)
     docker_factory: Callable[[], Docker] = Docker
     listeners: Callable[[], list[Listener]] = host_listeners
     _docker: Docker | None = None
@@ -237,7 +237,7 @@ def status(ctx: Context) -> list[dict[str, object]]:
         if applied is None:
             continue
         for route in applied.routes:
-            packets, nbytes = counters.get(chain_name(route.app, route.key), (None, None))
+            packets, nbytes = counters.get(ctx.backend.route_id(route), (None, None))
             rows.append(
                 {
                     "app": route.app,

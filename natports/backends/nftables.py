@@ -46,6 +46,9 @@ class NftBackend:
             return None
         return parse_live(json.loads(out))
 
+    def route_id(self, route: Route) -> str:
+        return nft_render.chain_name(route.app, route.key)
+
     def counters(self) -> dict[str, tuple[int, int]]:
         """chain name -> (packets, bytes) of each route's named counter."""
         out = self._nft(["-j", "list", "counters", "table", *self.table.split()], missing_ok=True)

@@ -1,0 +1,41 @@
+"""The one interface every backend (nftables, iptables, userspace proxy) implements.
+
+A backend turns routes into a *batch* (text a person can read with --dry-run) and
+runs a batch as one atomic step. Planning may read the backend's own live state;
+it never reads or writes anything natports does not own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..model import Route
+
+
+class RouteBackend(Protocol):
+    name: str
+
+    def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
+        """Switch one app from `previous` to `desired`, touching no other app's objects."""
+        ...
+
+    def plan_reconcile(self, desired: Sequence[Route]) -> str:
+        """Make everything this backend holds exactly `desired` (drift included)."""
+        ...
+
+    def plan_flush_all(self) -> str:
+        """Remove everything this backend holds."""
+        ...
+
+    def run(self, batch: str) -> None:
+        """Apply a batch atomically: all of it or none of it."""
+        ...
+
+    def route_id(self, route: Route) -> str:
+        """The name under which `counters` reports this route."""
+        ...
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """route_id -> (packets, bytes) of new flows' first packets."""
+        ...
