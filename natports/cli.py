@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import engine
-from .backends.nftables import NftBackend
+from .backends import select
 from .cli_support import handles_errors, read_input
 from .errors import InputError
 from .model import Mapping
@@ -55,15 +55,37 @@ DEFAULT_CONFIG = "/etc/natports/natports.toml"
     hidden=True,
     help="Name of the inet table natports owns (tests use their own).",
 )
+@click.option(
+    "--backend",
+    envvar="NATPORTS_BACKEND",
+    type=click.Choice(["auto", *select.NAMES]),
+    default=None,
+    help="How routes are served [default: backend.default in the config, else auto].",
+)
 @click.pass_context
 def main(
-    ctx: click.Context, state_dir: Path, dokku_root: Path, config_path: Path, nft_table: str
+    ctx: click.Context,
+    state_dir: Path,
+    dokku_root: Path,
+    config_path: Path,
+    nft_table: str,
+    backend: str | None,
 ) -> None:
     """Public TCP/UDP ports for Dokku apps through kernel DNAT."""
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", nft_table):
         raise click.BadParameter("must be a plain nft identifier", param_hint="--nft-table")
+    try:
+        choice = backend or select.configured_default(config_path) or "auto"
+    except InputError as exc:
+        raise click.UsageError("; ".join(exc.problems)) from None
     ctx.obj = engine.Context(
-        Store(state_dir), dokku_root, config_path, backend=NftBackend(f"inet {nft_table}")
+        Store(state_dir),
+        dokku_root,
+        config_path,
+        backend_choice=choice,
+        make_backend=select.factory(nft_table, state_dir),
+        resolve_backend=lambda name: select.resolve(name, nft_table, state_dir),
+        nft_table=nft_table,
     )
 
 
@@ -199,6 +221,62 @@ def status(ctx: engine.Context, as_json: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.pass_obj
+@handles_errors
+def proxy(ctx: engine.Context) -> None:
+    """Run the userspace TCP/UDP proxy (the `proxy` backend's daemon) in the foreground."""
+    from .proxy import config_path, serve
+
+    serve(ctx.store.root, config_path(ctx.store.root))
+
+
+@main.command()
+@click.pass_obj
+@handles_errors
+def watch(ctx: engine.Context) -> None:
+    """Follow Docker's events: when a retired container dies, forget its UDP flows at once."""
+    client = ctx.docker().client
+    with ctx.store.locked():
+        engine.forget_dead_udp(ctx, lambda cid: engine.container_gone(ctx, cid))
+    for event in client.events(decode=True, filters={"type": "container", "event": "die"}):
+        dead: str = str(event.get("id", ""))
+        with ctx.store.locked():
+            for backend in engine.forget_dead_udp(ctx, dead.__eq__):
+                click.echo(f"natports: forgot UDP flows to {backend.ip}:{backend.port}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+@handles_errors
+def doctor(ctx: engine.Context, as_json: bool) -> None:
+    """What this host offers natports, which backend `auto` picks and why."""
+    from . import doctor as probes
+
+    checks, chosen, why, works = probes.run_all(ctx.nft_table, ctx.store.root)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "checks": [c.to_json() for c in checks],
+                    "backend": chosen,
+                    "why": why,
+                    "backend_works": works,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for check in checks:
+            click.echo(f"{'ok ' if check.ok else 'NO '} {check.name:<15}{check.detail}")
+            if not check.ok and check.hint:
+                click.echo(f"    {'':<15}hint: {check.hint}")
+        click.echo(f"backend: {chosen} ({why})")
+    if not works:
+        sys.exit(1)
 
 
 from .dokku_cli import dokku  # noqa: E402  (registers after main exists)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .backends.base import RouteBackend
 from .backends.nftables import NftBackend
+from .conntrack import RETIRED, RETIRED_DOC, RetiredUdp, forget_udp_flows, removed_udp_backends
 from .containers import AppProblem, Docker, current_containers
 from .desired import build_routes
 from .errors import InputError, NatportsError
@@ -22,20 +23,40 @@ from .spec import Located, ParseResult, SpecError, parse_bytes
 from .store import Applied, Store
 
 
+def _nftables_only(name: str) -> RouteBackend:
+    if name != "nftables":
+        raise NatportsError(f"backend {name} is not available here")
+    return NftBackend()
+
+
 @dataclass
 class Context:
     store: Store
     dokku_root: Path
     config_path: Path
-    backend: RouteBackend = field(default_factory=NftBackend)
+    backend_choice: str = "nftables"  # a backend name, or "auto"
+    make_backend: Callable[[str], RouteBackend] = _nftables_only
+    resolve_backend: Callable[[str], str] = lambda name: name
     docker_factory: Callable[[], Docker] = Docker
     listeners: Callable[[], list[Listener]] = host_listeners
+    nft_table: str = "natports"
     _docker: Docker | None = None
+    _backends: dict[str, RouteBackend] = field(default_factory=dict)
 
     def docker(self) -> Docker:
         if self._docker is None:
             self._docker = self.docker_factory()
         return self._docker
+
+    @property
+    def backend(self) -> RouteBackend:
+        """The backend new routes go to (resolved once: `auto` probes the host)."""
+        return self.backend_named(self.resolve_backend(self.backend_choice))
+
+    def backend_named(self, name: str) -> RouteBackend:
+        if name not in self._backends:
+            self._backends[name] = self.make_backend(name)
+        return self._backends[name]
 
 
 @dataclass(frozen=True)
@@ -128,8 +149,21 @@ def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Rou
 
 
 def _previous(ctx: Context, app: str) -> tuple[Route, ...]:
+    """What the current backend holds for the app (nothing if another backend served it)."""
     applied = ctx.store.applied(app)
-    return applied.routes if applied else ()
+    if applied is None or applied.backend != ctx.backend.name:
+        return ()
+    return applied.routes
+
+
+def _elsewhere(ctx: Context, apps: Sequence[str]) -> dict[str, str]:
+    """app -> the other backend that still serves it (after a change of backend)."""
+    moved = {}
+    for app in apps:
+        applied = ctx.store.applied(app)
+        if applied is not None and applied.backend != ctx.backend.name:
+            moved[app] = applied.backend
+    return moved
 
 
 def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> None:
@@ -137,16 +171,74 @@ def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> Non
 
     Before: each app's applied state grows to previous + desired (removal is
     idempotent, so over-claiming is safe). After success: exactly desired.
+    An app that moves from another backend keeps that backend's record until the
+    new backend serves it and the old one's objects are gone (make before break);
+    a crash in between repeats both steps at the next apply.
     """
+    moved = _elsewhere(ctx, list(intents))
+    before = {app: (ctx.store.applied(app) or Applied("", ())).routes for app in intents}
     for app, desired in intents.items():
+        if app in moved:
+            continue
         merged = {r.key: r for r in _previous(ctx, app)}
         merged.update((r.key, r) for r in desired)
         if merged:
             routes = tuple(sorted(merged.values(), key=Route.sort_key))
             ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
     ctx.backend.run(batch)
+    for app, old_name in moved.items():
+        old = ctx.backend_named(old_name)
+        applied = ctx.store.applied(app)
+        old.run(old.plan_app(applied.routes if applied else (), ()))
     for app, desired in intents.items():
         _record(ctx, app, desired)
+    removed = set()
+    for app, desired in intents.items():
+        removed |= removed_udp_backends(before[app], desired)
+    _remember_retired(ctx, removed)
+
+
+def _remember_retired(ctx: Context, removed: set[RetiredUdp]) -> None:
+    if not removed:
+        return
+    known = set(retired_udp(ctx))
+    ctx.store.set_document(
+        RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in sorted(known | removed)]}
+    )
+
+
+def retired_udp(ctx: Context) -> list[RetiredUdp]:
+    data = ctx.store.document(RETIRED, RETIRED_DOC) or {}
+    items = data.get("backends", [])
+    assert isinstance(items, list)
+    return [RetiredUdp(str(b["container_id"]), str(b["ip"]), int(b["port"])) for b in items]
+
+
+def forget_dead_udp(ctx: Context, is_gone: Callable[[str], bool]) -> list[RetiredUdp]:
+    """Delete the UDP conntrack entries of retired backends whose container is gone.
+
+    The caller holds the lock. Returns what was forgotten.
+    """
+    kept: list[RetiredUdp] = []
+    forgotten: list[RetiredUdp] = []
+    for backend in retired_udp(ctx):
+        if is_gone(backend.container_id) and forget_udp_flows(backend):
+            forgotten.append(backend)
+        else:
+            kept.append(backend)
+    if forgotten:
+        if kept:
+            ctx.store.set_document(RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in kept]})
+        else:
+            ctx.store.remove_document(RETIRED, RETIRED_DOC)
+    return forgotten
+
+
+def container_gone(ctx: Context, container_id: str) -> bool:
+    try:
+        return not ctx.docker().inspect(container_id).running
+    except AppProblem:
+        return True  # removed
 
 
 def _record(ctx: Context, app: str, routes: tuple[Route, ...]) -> None:
@@ -163,11 +255,12 @@ def apply_app_unlocked(
     require_app_name(app)
     desired = _desired_for(ctx, app, containers)
     previous = _previous(ctx, app)
-    if not desired and not previous:
+    if not desired and not previous and not _elsewhere(ctx, [app]):
         return ApplyReport("", (), {})  # nothing to route and nothing to remove
     batch = ctx.backend.plan_app(previous, desired)
     if not dry_run:
         _run(ctx, batch, {app: desired})
+        forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
     return ApplyReport(batch, (app,) if desired else (), {})
 
 
@@ -193,10 +286,13 @@ def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
     # Nothing to route at all: no table either, rather than an empty one.
     batch = ctx.backend.plan_reconcile(every) if every else ctx.backend.plan_flush_all()
     if not dry_run:
-        intents = {a: routes for a, routes in desired.items()}
+        moved = _elsewhere(ctx, configured)
+        # A broken app still served by another backend stays there until it works.
+        intents = {a: r for a, r in desired.items() if not (a in failed and a in moved)}
         for app in set(ctx.store.applied_apps()) - set(configured):
             intents[app] = ()
         _run(ctx, batch, intents)
+        forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
     applied = tuple(a for a in configured if a not in failed and desired[a])
     return ApplyReport(batch, applied, failed)
 
@@ -206,38 +302,59 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
         if app is not None:
             require_app_name(app)
             return flush_app_unlocked(ctx, app, dry_run)
-        batch = ctx.backend.plan_flush_all()
+        # Every backend that serves some app, and the current one.
+        names = {ctx.backend.name}
+        for name in ctx.store.applied_apps():
+            applied = ctx.store.applied(name)
+            if applied is not None:
+                names.add(applied.backend)
+        batches = []
+        for name in sorted(names):
+            backend = ctx.backend_named(name)
+            batch = backend.plan_flush_all()
+            batches.append(batch)
+            if not dry_run:
+                backend.run(batch)
         if not dry_run:
-            ctx.backend.run(batch)
             for name in ctx.store.applied_apps():
                 ctx.store.remove_applied(name)
-        return batch
+        return "".join(batches)
 
 
 def flush_app_unlocked(ctx: Context, app: str, dry_run: bool = False) -> str:
-    """Remove one app's rules; the caller holds the store's lock."""
-    previous = _previous(ctx, app)
-    if not previous:
+    """Remove one app's rules, from whichever backend serves it; the caller holds the lock."""
+    applied = ctx.store.applied(app)
+    if applied is None:
         return ""
-    batch = ctx.backend.plan_app(previous, ())
+    backend = ctx.backend_named(applied.backend)
+    batch = backend.plan_app(applied.routes, ())
     if not dry_run:
-        _run(ctx, batch, {app: ()})
+        backend.run(batch)
+        ctx.store.remove_applied(app)
     return batch
 
 
 def status(ctx: Context) -> list[dict[str, object]]:
     """One entry per public port: the documented `status --json` schema."""
-    try:
-        counters = ctx.backend.counters()
-    except NatportsError:
-        counters = {}
+    counters: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def counters_of(name: str) -> dict[str, tuple[int, int]]:
+        if name not in counters:
+            try:
+                counters[name] = ctx.backend_named(name).counters()
+            except NatportsError:
+                counters[name] = {}
+        return counters[name]
+
     rows: list[dict[str, object]] = []
     for app in ctx.store.applied_apps():
         applied = ctx.store.applied(app)
         if applied is None:
             continue
+        backend = ctx.backend_named(applied.backend)
         for route in applied.routes:
-            packets, nbytes = counters.get(ctx.backend.route_id(route), (None, None))
+            found = counters_of(applied.backend).get(backend.route_id(route))
+            packets, nbytes = found if found else (None, None)
             rows.append(
                 {
                     "app": route.app,

@@ -85,6 +85,9 @@ class ClientNet:
     def hold(self, port: int, host: str | None = None) -> HeldFlow:
         return HeldFlow(self._netclient("hold", host or self.host_ip, str(port)))
 
+    def udp_hold(self, port: int) -> UdpFlow:
+        return UdpFlow(self._netclient("udphold", self.host_ip, str(port)))
+
     def hammer(self, port: int, rate: int, max_seconds: float, stopfile: Path) -> Hammer:
         argv = self._netclient(
             "hammer", self.host_ip, str(port), str(rate), str(max_seconds), str(stopfile)
@@ -131,6 +134,31 @@ class HeldFlow:
             self.proc.kill()
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+class UdpFlow:
+    """One UDP client socket kept across switches: its conntrack flow is what is tested."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+    def ask(self, text: str) -> str | None:
+        """The answer, or None when none came within a second."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+        result = json.loads(self.proc.stdout.readline())
+        return result.get("answer")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
             if stream:
                 stream.close()
 
@@ -232,7 +260,9 @@ class Containers:
 class Cli:
     """The real `natports` CLI, run as a subprocess against a private state directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend: str | None = None) -> None:
+        self.backend = backend
+        self.env: dict[str, str] = {}
         self.state = root / "state"
         self.dokku_root = root / "dokku"
         self.config = root / "natports.toml"
@@ -251,13 +281,20 @@ class Cli:
             str(self.config),
             "--nft-table",
             NFT_TABLE,
+            *(["--backend", self.backend] if self.backend else []),
             *args,
         ]
 
     def __call__(
         self, *args: str, input: str | None = None, expect: int | None = 0
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, input=input)
+        proc = subprocess.run(
+            self.argv(*args),
+            capture_output=True,
+            text=True,
+            input=input,
+            env={**os.environ, **self.env},
+        )
         if expect is not None and proc.returncode != expect:
             raise AssertionError(
                 f"natports {' '.join(args)}: exit {proc.returncode}, expected {expect}\n"

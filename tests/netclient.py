@@ -8,6 +8,7 @@ Modes (all print one JSON object per result line on stdout):
                             open RATE connections per second until STOPFILE exists (or
                             MAX_SECONDS pass); report counts per tag and every failure
   udp HOST PORT MSG         send one datagram, print the answer
+  udphold HOST PORT         one UDP socket; each stdin line is sent, the answer printed
 """
 
 from __future__ import annotations
@@ -95,6 +96,20 @@ def udp(host: str, port: int, message: str) -> dict[str, object]:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def udp_hold(host: str, port: int) -> None:
+    """One UDP socket (one source port, so one conntrack flow) driven line by line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1)
+        sock.connect((host, port))
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            sock.send(line.strip().encode())
+            try:
+                print(json.dumps({"answer": sock.recv(4096).decode()}), flush=True)
+            except OSError as exc:
+                print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     mode, host, port = argv[0], argv[1], int(argv[2])
     if mode == "once":
@@ -103,6 +118,8 @@ def main(argv: list[str]) -> None:
         hold(host, port)
     elif mode == "hammer":
         hammer(host, port, float(argv[3]), float(argv[4]), argv[5])
+    elif mode == "udphold":
+        udp_hold(host, port)
     elif mode == "udp":
         print(json.dumps(udp(host, port, argv[3])), flush=True)
     else:

@@ -116,10 +116,12 @@ def test_nft_missing(cli: Cli, tmp_path: Path) -> None:
     bin_dir.mkdir()
     old = os.environ["PATH"]
     os.environ["PATH"] = str(bin_dir)
+    os.environ["NATPORTS_BACKEND"] = "nftables"  # asked for by name: no fallback
     try:
         err = cli("flush", expect=1).stderr
     finally:
         os.environ["PATH"] = old
+        del os.environ["NATPORTS_BACKEND"]
     assert "natports: nft not found" in err and "apt-get install nftables" in err
 
 
@@ -153,7 +155,7 @@ def test_without_privileges() -> None:
         assert "hint: run as root" in proc.stderr
         # a writable state directory: now the kernel is what refuses
         os.chown(cli.state, 0, 0)
-        proc = without_privileges(cli, "flush")
+        proc = without_privileges(cli, "--backend", "nftables", "flush")
         assert proc.returncode == 1, proc
         assert "natports needs root (CAP_NET_ADMIN)" in proc.stderr, proc.stderr
     finally:

@@ -1,7 +1,14 @@
-"""The core promise, with real containers and a client in another network namespace."""
+"""The core promise, with real containers and a client in another network namespace.
+
+One behavioural suite for every backend: nftables, iptables (both xtables
+variants) and the userspace proxy.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +16,34 @@ import pytest
 from tests.infra import Cli, ClientNet, Containers, sh
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
+
+BACKENDS = ["nftables", "iptables-nft", "iptables-legacy", "proxy"]
+
+
+@pytest.fixture(params=BACKENDS)
+def cli(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cli]:
+    """The CLI with one backend chosen by name (the proxy daemon running for `proxy`)."""
+    name: str = request.param
+    made = Cli(tmp_path, backend=name.split("-")[0])
+    if name.startswith("iptables-"):
+        made.env["NATPORTS_IPTABLES_VARIANT"] = name.split("-")[1]
+    daemon = None
+    if name == "proxy":
+        daemon = subprocess.Popen(made.argv("proxy"), stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not (made.state / "proxy.sock").exists():
+            assert daemon.poll() is None and time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+    try:
+        yield made
+    finally:
+        made("flush", expect=None)
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(10)
+            if daemon.stderr:
+                daemon.stderr.close()
+
 
 PORT = 41025  # public port: high, so that no host service or policy is involved
 
@@ -131,3 +166,29 @@ def test_another_container_reaches_the_public_port(
         )
     )
     assert out.output.decode().splitlines()[:1] == ["srv"], out
+
+
+def test_udp_flow_stays_while_its_container_lives_and_moves_when_it_dies(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "dns", input=f"{PORT}:5025/udp\n")
+    v1 = containers.start("v1")
+    route_to(cli, "dns", v1.id)
+    flow = client_net.udp_hold(PORT)
+    watcher = subprocess.Popen(cli.argv("watch"), stderr=subprocess.PIPE, text=True)
+    try:
+        assert flow.ask("a") == "v1 a"
+        v2 = containers.start("v2")
+        route_to(cli, "dns", v2.id)
+        assert flow.ask("b") == "v1 b"  # the flow keeps its container while it lives
+        assert client_net.client("udp", client_net.host_ip, str(PORT), "c") == {"answer": "v2 c"}
+        containers.stop(v1.id, timeout=1)
+        # `natports watch` sees the container die and forgets its UDP flows at once
+        answers = [flow.ask(f"d{i}") for i in range(10)]
+        assert next(a for a in answers if a).startswith("v2 d"), answers
+    finally:
+        watcher.kill()
+        watcher.wait()
+        if watcher.stderr:
+            watcher.stderr.close()
+        flow.close()

@@ -1,0 +1,69 @@
+"""Which backend serves the routes: chosen by name, or `auto` (the first that works).
+
+Order for `auto`: nftables, iptables, proxy. The reasons are the doctor's probes.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import InputError
+from .base import RouteBackend
+
+NAMES = ("nftables", "iptables", "proxy")
+
+
+def make(name: str, table: str, state_dir: Path) -> RouteBackend:
+    """A backend by name; `table` names natports' nft table / iptables chain prefix."""
+    if name == "nftables":
+        from .nftables import NftBackend
+
+        return NftBackend(f"inet {table}")
+    if name == "iptables":
+        from ..doctor import iptables_variant
+        from .iptables import IptablesBackend
+
+        # NATPORTS_IPTABLES_VARIANT=nft|legacy overrides the detection (tests use both).
+        variant = os.environ.get("NATPORTS_IPTABLES_VARIANT") or iptables_variant()
+        if variant not in ("nft", "legacy"):
+            raise InputError([f'NATPORTS_IPTABLES_VARIANT "{variant}" is not nft or legacy'])
+        return IptablesBackend(variant, prefix=table.upper())
+    if name == "proxy":
+        from .proxy import ProxyBackend
+
+        return ProxyBackend(state_dir)
+    raise InputError([f'unknown backend "{name}" (expected auto, {", ".join(NAMES)})'])
+
+
+def resolve(name: str, table: str, state_dir: Path) -> str:
+    if name != "auto":
+        return name
+    from ..doctor import choose_backend
+
+    return choose_backend(table, state_dir)[0]
+
+
+def configured_default(config_path: Path) -> str | None:
+    """`[backend] default = "..."` in the operator's config file, if set."""
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError([f"{config_path}: {exc}"]) from None
+    section = data.get("backend", {})
+    value = section.get("default") if isinstance(section, dict) else None
+    if value is None:
+        return None
+    if value != "auto" and value not in NAMES:
+        raise InputError(
+            [f'{config_path}: backend.default "{value}" is not auto or one of {", ".join(NAMES)}']
+        )
+    return str(value)
+
+
+def factory(table: str, state_dir: Path) -> Callable[[str], RouteBackend]:
+    return lambda name: make(name, table, state_dir)

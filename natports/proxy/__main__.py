@@ -1,0 +1,34 @@
+"""`python -m natports.proxy [--state-dir DIR] [--config FILE]`: the daemon without the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import NatportsError
+from . import config_path, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m natports.proxy")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("NATPORTS_STATE_DIR", "/var/lib/natports")),
+    )
+    parser.add_argument("--config", type=Path, default=None, help="default: STATE_DIR/proxy.json")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.state_dir, args.config or config_path(args.state_dir))
+    except NatportsError as exc:
+        print(f"natports proxy: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
