@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Literal
 
+from ..doctor import check_cap_net_admin
 from ..errors import InputError, NatportsError
 from ..model import Route
 from . import ipt_render
@@ -109,7 +110,9 @@ class IptablesBackend:
         err = " ".join(lines) or f"exit status {proc.returncode}"
         if tool == "save" and "Table does not exist" in err:
             return ""  # legacy without the nat module: nothing of ours can exist
-        if any(s in err for s in ("Permission denied", "Operation not permitted", "must be root")):
+        denied = ("Permission denied", "Operation not permitted", "must be root")
+        # Legacy xtables without CAP_NET_ADMIN says only "unable to initialize table".
+        if any(s in err for s in denied) or not check_cap_net_admin().ok:
             raise NatportsError(
                 f"{command}: permission denied",
                 "natports needs root (CAP_NET_ADMIN) to change kernel rules",

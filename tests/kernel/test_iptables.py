@@ -367,7 +367,8 @@ def test_missing_binaries_and_missing_root_are_named(ipt: IptablesBackend, tmp_p
         "        out.append([e.message, e.hint])\n"
         "print(json.dumps(out))\n"
     )
-    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # No capabilities at all, but still uid 0: the checkout stays readable wherever CI cloned it.
+    unprivileged = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
     proc = subprocess.run(
         [*unprivileged, sys.executable, "-c", code],
         input=batch,
