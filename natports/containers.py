@@ -13,7 +13,9 @@ Rule, in order:
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -25,6 +27,7 @@ from .model import Protocol
 
 LABEL_APP = "com.dokku.app-name"
 LABEL_PROCESS = "com.dokku.process-type"
+_CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 _CONTAINER_FILE = re.compile(r"^CONTAINER\.([A-Za-z][A-Za-z0-9_-]*)\.([0-9]+)$")
 
 
@@ -154,13 +157,26 @@ def container_files(dokku_root: Path, app: str) -> dict[str, list[str]]:
         match = _CONTAINER_FILE.match(entry.name)
         if not match:
             continue
-        try:
-            cid = entry.read_text().strip()
-        except OSError:
-            continue
+        cid = _read_container_id(entry)
         if cid:
             found.setdefault(match.group(1), []).append((int(match.group(2)), cid))
     return {proc: [cid for _, cid in sorted(items)] for proc, items in found.items()}
+
+
+def _read_container_id(path: Path) -> str | None:
+    """A container id from a file the dokku user controls, read as root: no symlink, no
+    FIFO, a few bytes, and only an id comes out (never the content of another file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 128).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return text if _CONTAINER_ID.fullmatch(text) else None
 
 
 def current_containers(

@@ -49,10 +49,22 @@ def check_nft() -> Check:
     return Check("nft", True, "nft works")
 
 
+def _legacy_loaded() -> bool:
+    """Asking iptables-legacy about a table would load its module: only read loaded ones."""
+    try:
+        return bool(Path("/proc/net/ip_tables_names").read_text().split())
+    except OSError:
+        return False
+
+
+def _variants() -> tuple[str, ...]:
+    return ("nft", "legacy") if _legacy_loaded() else ("nft",)
+
+
 def iptables_variant() -> str:
     """The xtables variant the host uses: the one Docker's nat chains live in, else the
     one `iptables` points to."""
-    for variant in ("nft", "legacy"):
+    for variant in _variants():
         proc = _run(f"iptables-{variant}-save", "-t", "nat")
         if proc and proc.returncode == 0 and ":DOCKER " in proc.stdout:
             return variant
@@ -121,7 +133,7 @@ def check_docker() -> Check:
 
 def check_docker_forward() -> Check:
     """Docker accepts forwarded traffic to published container ports (its FORWARD rules)."""
-    for variant in ("nft", "legacy"):
+    for variant in _variants():
         proc = _run(f"iptables-{variant}-save", "-t", "filter")
         if (
             proc
@@ -157,9 +169,17 @@ def check_conntrack() -> Check:
 
 
 def check_proxy(state_dir: Path) -> Check:
+    """A daemon that answers on its control socket (a stale socket file is not one)."""
+    import socket
+
     sock = state_dir / "proxy.sock"
-    if sock.exists():
-        return Check("proxy", True, f"natports proxy control socket at {sock}")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(2)
+            conn.connect(str(sock))
+        return Check("proxy", True, f"a natports proxy answers at {sock}")
+    except OSError:
+        pass
     return Check(
         "proxy",
         False,

@@ -96,7 +96,7 @@ def _load(ctx: engine.Context, kind: str, app: str) -> Sources | None:
 
 def read_ports_from_image(ctx: engine.Context, image: str) -> bytes | None:
     """The PORTS file inside an image (its working directory, /app, then /), if any."""
-    if not _IMAGE_RE.match(image):
+    if not _IMAGE_RE.fullmatch(image):
         raise InputError([f'"{image}" is not an image reference'])
     client = ctx.docker().client
     try:

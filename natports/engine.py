@@ -6,6 +6,7 @@ the applied state is written only after the kernel accepted the batch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Context:
     listeners: Callable[[], list[Listener]] = host_listeners
     nft_table: str = "natports"
     _docker: Docker | None = None
+    _resolved: str | None = None
     _backends: dict[str, RouteBackend] = field(default_factory=dict)
 
     def docker(self) -> Docker:
@@ -51,7 +53,9 @@ class Context:
     @property
     def backend(self) -> RouteBackend:
         """The backend new routes go to (resolved once: `auto` probes the host)."""
-        return self.backend_named(self.resolve_backend(self.backend_choice))
+        if self._resolved is None:
+            self._resolved = self.resolve_backend(self.backend_choice)
+        return self.backend_named(self._resolved)
 
     def backend_named(self, name: str) -> RouteBackend:
         if name not in self._backends:
@@ -97,7 +101,11 @@ def validate_for_app(ctx: Context, app: str, data: bytes, filename: str) -> tupl
 def check_claims(ctx: Context, app: str, located: Sequence[Located]) -> list[SpecError]:
     """Conflicts with every other app, then the host policy."""
     errors = check_conflicts(app, located, _claims(ctx, app))
-    return errors + check_policy(located, load_policy(ctx.config_path), ctx.listeners())
+    # The proxy backend's own sockets for this app's routes are not a host service.
+    applied = ctx.store.applied(app)
+    own = {(r.key.protocol, r.key.public_port) for r in (applied.routes if applied else ())}
+    listeners = [lst for lst in ctx.listeners() if (lst.protocol, lst.port) not in own]
+    return errors + check_policy(located, load_policy(ctx.config_path), listeners)
 
 
 def _claims(ctx: Context, app: str) -> dict[str, tuple[Mapping, ...]]:
@@ -187,15 +195,47 @@ def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> Non
             ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
     ctx.backend.run(batch)
     for app, old_name in moved.items():
-        old = ctx.backend_named(old_name)
         applied = ctx.store.applied(app)
-        old.run(old.plan_app(applied.routes if applied else (), ()))
+        ctx.store.set_document(
+            LEFTOVER,
+            app,
+            {
+                "backend": old_name,
+                "routes": [r.to_json() for r in (applied.routes if applied else ())],
+            },
+        )
     for app, desired in intents.items():
         _record(ctx, app, desired)
+    _remove_leftovers(ctx)
     removed = set()
     for app, desired in intents.items():
         removed |= removed_udp_backends(before[app], desired)
     _remember_retired(ctx, removed)
+
+
+LEFTOVER = "leftover"  # routes a backend still holds for an app another backend now serves
+
+
+def _remove_leftovers(ctx: Context) -> None:
+    """Remove what old backends still hold; a failure is retried at the next change."""
+    for app in ctx.store.documents(LEFTOVER):
+        data = ctx.store.document(LEFTOVER, app) or {}
+        name = str(data.get("backend", ""))
+        items = data.get("routes", [])
+        assert isinstance(items, list)
+        routes = tuple(Route.from_json(r) for r in items)
+        try:
+            old = ctx.backend_named(name)
+            old.run(old.plan_app(routes, ()))
+        except NatportsError as exc:
+            print(
+                f"natports: warning: {app}: could not remove its old {name} routes yet "
+                f"({exc.message}); the next apply tries again",
+                file=sys.stderr,
+            )
+            continue
+        ctx.store.remove_document(LEFTOVER, app)
+        _remember_retired(ctx, removed_udp_backends(routes, ()))
 
 
 def _remember_retired(ctx: Context, removed: set[RetiredUdp]) -> None:
@@ -302,8 +342,10 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
         if app is not None:
             require_app_name(app)
             return flush_app_unlocked(ctx, app, dry_run)
-        # Every backend that serves some app, and the current one.
+        # Every backend that serves some app or still holds leftovers, and the current one.
         names = {ctx.backend.name}
+        for name in ctx.store.documents(LEFTOVER):
+            names.add(str((ctx.store.document(LEFTOVER, name) or {}).get("backend")))
         for name in ctx.store.applied_apps():
             applied = ctx.store.applied(name)
             if applied is not None:
@@ -318,6 +360,8 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
         if not dry_run:
             for name in ctx.store.applied_apps():
                 ctx.store.remove_applied(name)
+            for name in ctx.store.documents(LEFTOVER):
+                ctx.store.remove_document(LEFTOVER, name)
         return "".join(batches)
 
 
@@ -331,6 +375,7 @@ def flush_app_unlocked(ctx: Context, app: str, dry_run: bool = False) -> str:
     if not dry_run:
         backend.run(batch)
         ctx.store.remove_applied(app)
+        _remember_retired(ctx, removed_udp_backends(applied.routes, ()))
     return batch
 
 

@@ -25,7 +25,7 @@ class Protocol(StrEnum):
 
 
 def is_valid_app_name(name: str) -> bool:
-    return bool(APP_NAME_RE.match(name))
+    return bool(APP_NAME_RE.fullmatch(name))
 
 
 @dataclass(frozen=True, order=True)

@@ -105,7 +105,7 @@ def _parse_line(raw: str, number: int) -> Located | None:
     prefix = _PROC_PREFIX.match(body, pos)
     if prefix:
         process_type = prefix.group(1)
-        if not PROCESS_TYPE_RE.match(process_type):
+        if not PROCESS_TYPE_RE.fullmatch(process_type):
             raise _LineError(pos + 1, f'process type "{process_type}" is too long (max 63)')
         pos = prefix.end()
         while pos < len(body) and body[pos] in " \t":

@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 NATPORTS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${NATPORTS_VENV:-$NATPORTS_ROOT/.venv}"
+VENV="$NATPORTS_ROOT/.venv"  # the development and test venv
 TEST_IMAGE="natports-echod:test"
 APT_PACKAGES=(nftables iptables conntrack iproute2 docker.io busybox-static gcc libc6-dev
               python3 python3-venv sudo shellcheck)

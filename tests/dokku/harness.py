@@ -110,6 +110,7 @@ class DokkuHost:
         env = {
             **os.environ,
             "NATPORTS_VENV": sys.prefix,
+            "NATPORTS_SKIP_PIP": "1",
             "NATPORTS_HELPER": str(self.helper),
             "NATPORTS_SUDOERS": str(self.sudoers),
             "NATPORTS_STATE_DIR": str(self.state),
@@ -141,13 +142,15 @@ class DokkuHost:
 
     # -- Dokku's moving parts ------------------------------------------------------------------
 
-    def trigger(self, name: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    def trigger(
+        self, name: str, *args: str, stdin: str = "", helper: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run one of the plugin's trigger files as Dokku does: as dokku, Dokku's env."""
         env = [
             f"PATH={self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             f"DOKKU_ROOT={self.dokku_root}",
             f"HARNESS={self.base}",
-            f"NATPORTS_HELPER={self.helper}",
+            f"NATPORTS_HELPER={helper or self.helper}",
             "DOKKU_NOT_IMPLEMENTED_EXIT=10",
         ]
         return subprocess.run(

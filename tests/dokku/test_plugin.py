@@ -213,3 +213,29 @@ def test_reinstalling_and_the_install_trigger_keep_live_rules(
     assert install.returncode == 0, install
     assert dokku.table() == before
     assert tags(client_net, PORT) == {"v1.web.1"}
+
+
+def test_without_the_helper_the_triggers_warn_and_never_break_dokku(
+    dokku: DokkuHost, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-helper"
+    for name, args in (
+        ("post-extract", ("mail", str(tmp_path), "rev")),
+        ("post-deploy", ("mail", "", "", "v1")),
+        ("post-delete", ("mail", "v1")),
+        ("post-stop", ("mail",)),
+    ):
+        done = dokku.trigger(name, *args, helper=missing)
+        assert done.returncode == 0, (name, done)
+        assert "is missing; run scripts/install-dokku-plugin" in done.stderr
+    args = dokku.trigger(
+        "docker-args-process-deploy",
+        "mail",
+        "dockerfile",
+        "t",
+        "web",
+        "1",
+        stdin="--env A=1",
+        helper=missing,
+    )
+    assert args.returncode == 0 and args.stdout == "--env A=1"

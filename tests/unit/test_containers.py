@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
@@ -293,11 +294,11 @@ def test_container_files(tmp_path: Path) -> None:
     app = tmp_path / "mail"
     app.mkdir()
     files = {
-        "CONTAINER.web.1": "id-web-1\n",
-        "CONTAINER.web.2": "id-web-2",
-        "CONTAINER.web.10": "  id-web-10  \n",
-        "CONTAINER.worker.1": "id-worker-1\n",
-        "CONTAINER.mail_in-2.3": "id-mail-in-3\n",
+        "CONTAINER.web.1": "aaaaaaaaaaa1\n",
+        "CONTAINER.web.2": "aaaaaaaaaaa2",
+        "CONTAINER.web.10": "  aaaaaaaaaa10  \n",
+        "CONTAINER.worker.1": "bbbbbbbbbbb1\n",
+        "CONTAINER.mail_in-2.3": "ccccccccccc3\n",
         # not container files
         "CONTAINER": "legacy\n",
         "CONTAINER.web": "no-index\n",
@@ -314,19 +315,32 @@ def test_container_files(tmp_path: Path) -> None:
         (app / name).write_text(text)
     (app / "CONTAINER.web.4").mkdir()  # unreadable as a file
     assert container_files(tmp_path, "mail") == {
-        "web": ["id-web-1", "id-web-2", "id-web-10"],
-        "worker": ["id-worker-1"],
-        "mail_in-2": ["id-mail-in-3"],
+        "web": ["aaaaaaaaaaa1", "aaaaaaaaaaa2", "aaaaaaaaaa10"],
+        "worker": ["bbbbbbbbbbb1"],
+        "mail_in-2": ["ccccccccccc3"],
     }
+
+
+def test_container_files_never_leak_other_files(tmp_path: Path) -> None:
+    """Read as root from files the dokku user controls: only container ids come out."""
+    app = tmp_path / "mail"
+    app.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_text("root:$y$hash\n")
+    (app / "CONTAINER.web.1").symlink_to(secret)
+    os.mkfifo(app / "CONTAINER.web.2")  # would block a plain read
+    (app / "CONTAINER.web.3").write_text("not an id\n")
+    (app / "CONTAINER.web.4").write_text("0123456789ab\n")
+    assert container_files(tmp_path, "mail") == {"web": ["0123456789ab"]}
 
 
 def test_container_files_are_in_numeric_order(tmp_path: Path) -> None:
     app = tmp_path / "mail"
     app.mkdir()
     for n in (10, 2, 1, 11, 3, 20):
-        (app / f"CONTAINER.web.{n}").write_text(f"id-{n}\n")
+        (app / f"CONTAINER.web.{n}").write_text(f"{n:012x}\n")
     assert container_files(tmp_path, "mail") == {
-        "web": ["id-1", "id-2", "id-3", "id-10", "id-11", "id-20"]
+        "web": [f"{n:012x}" for n in (1, 2, 3, 10, 11, 20)]
     }
 
 
