@@ -328,3 +328,23 @@ def test_dry_run_reports_failing_apps(cli: Cli, containers: Containers) -> None:
     proc = cli("apply", "--dry-run", expect=1)
     assert 'no running container for process type "web"' in proc.stderr
     assert not table_exists()
+
+
+def test_switching_backends_moves_an_app_without_a_gap(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    c = containers.start("v1")
+    cli("--backend", "nftables", "apply", "--app", "mail", "--container", c.id)
+    assert cli.status()[0]["backend"] == "nftables"
+    held = client_net.hold(PORT)
+    try:
+        cli("--backend", "iptables", "apply", "--app", "mail", "--container", c.id)
+        assert [r["backend"] for r in cli.status()] == ["iptables"]
+        assert "a_mail_" not in table_text()  # the old backend's rules are gone
+        assert client_net.connect_once(PORT) == {"tag": "v1"}  # served by iptables now
+        assert held.ask("still") == "v1 still"  # conntrack kept the established flow
+    finally:
+        held.close()
+        cli("--backend", "iptables", "flush")
+    assert "NATPORTS_TEST" not in sh("iptables-save", "-t", "nat").stdout
