@@ -33,6 +33,35 @@ class Applied:
     routes: tuple[Route, ...]
 
 
+def write_file_atomically(path: Path, payload: bytes) -> None:
+    """temp + fsync + rename + directory fsync: readers see the old or the new file, whole."""
+    path.parent.mkdir(parents=True, mode=0o755, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _state_error(what: str, exc: OSError) -> NatportsError:
     return NatportsError(
         f"{what}: {exc.strerror}",
@@ -184,39 +213,15 @@ class Store:
 
     def _write_atomically(self, path: Path, data: dict[str, object]) -> None:
         self._ensure_dirs()
-        path.parent.mkdir(mode=0o755, exist_ok=True)
         payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        self._fsync_dir(path.parent)
+        write_file_atomically(path, payload)
 
     def _unlink(self, path: Path) -> bool:
         try:
             path.unlink()
-            self._fsync_dir(path.parent)
+            _fsync_dir(path.parent)
         except FileNotFoundError:
             return False
         except OSError as exc:
             raise _state_error(f"cannot remove {path}", exc) from None
         return True
-
-    @staticmethod
-    def _fsync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        except OSError as exc:  # some filesystems refuse fsync on directories
-            if exc.errno not in (errno.EINVAL, errno.EBADF):
-                raise
-        finally:
-            os.close(fd)

@@ -7,14 +7,12 @@ batch shown by --dry-run is byte for byte what the daemon will serve.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..model import Route, RouteKey
+from ..store import write_file_atomically
 
 CONFIG_VERSION = 1
 CONFIG_NAME = "proxy.json"
@@ -114,23 +112,5 @@ def read_config(path: Path) -> tuple[Route, ...]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """temp + fsync + rename + directory fsync: readers see the old or the new file, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-            os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """The daemon's config, written like every state file (see store)."""
+    write_file_atomically(path, text.encode("utf-8"))
