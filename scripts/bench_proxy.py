@@ -44,7 +44,7 @@ NS = f"npbench-{os.getpid() % 100000}"
 HOST_IF = f"npbh{os.getpid() % 100000}"
 PEER_IF = f"npbp{os.getpid() % 100000}"
 HOST_IP, CLIENT_IP = "198.18.201.1", "198.18.201.2"
-IPERF_PORT, PROXY_PORT, SOCAT_PORT = 5201, 46201, 46202
+IPERF_PORT, PROXY_PORT, SOCAT_PORT = 5201, 26201, 26202
 NODE_PROXY_GBITS = (4.9, 5.0)  # the 2014 plugin's Node.js proxy here (DESIGN.md section 6)
 
 

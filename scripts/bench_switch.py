@@ -47,7 +47,7 @@ def bench_route(ip: str) -> list[Route]:
         Route(
             app="bench",
             process_type="web",
-            key=RouteKey(4, Protocol.TCP, 44025),
+            key=RouteKey(4, Protocol.TCP, 24025),
             private_port=5025,
             backends=(Backend("bench", IPv4Address(ip), 5025),),
         )
@@ -81,7 +81,7 @@ def measure(nft: NftBackend, containers: list[str], others: int) -> tuple[str, s
             kernel.append((time.perf_counter() - start) * 1000)
         batch_lines = batch.count("\n")
 
-        store.set_mappings("bench", (Mapping(44025, 5025),))
+        store.set_mappings("bench", (Mapping(24025, 5025),))
         argv = [
             sys.executable,
             "-m",

@@ -13,7 +13,7 @@ from tests.infra import ClientNet, sh
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
-PORT = 43025
+PORT = 23025
 
 
 @pytest.fixture

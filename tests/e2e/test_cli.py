@@ -16,7 +16,7 @@ from tests.infra import NFT_TABLE, Cli, ClientNet, Containers, sh
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
-PORT = 42025
+PORT = 22025
 
 
 def table_exists() -> bool:

@@ -30,7 +30,7 @@ from natports.proxy.config import parse_config, render_config, write_atomically
 from natports.proxy.control import request
 from tests.infra import ClientNet, Container, Containers, wait_for
 
-PORT = 46025  # public ports 46025..46045: high, no host service involved
+PORT = 26025  # public ports 26025..26045: high, no host service involved
 TCP, UDP = Protocol.TCP, Protocol.UDP
 
 # A UDP client with one socket (one source port) for its whole life, driven line by line.
@@ -200,7 +200,7 @@ def test_old_flow_keeps_its_backend_and_new_flows_switch(
         held.close()
     counters = proxy.backend.counters()
     connections, nbytes = counters[
-        "mail/tcp/198.18.77.1/46025".replace("77", _net_index(client_net))
+        "mail/tcp/198.18.77.1/26025".replace("77", _net_index(client_net))
     ]
     assert connections == 21
     assert nbytes > 0

@@ -45,7 +45,7 @@ def cli(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cli]:
                 daemon.stderr.close()
 
 
-PORT = 41025  # public port: high, so that no host service or policy is involved
+PORT = 21025  # below the ephemeral range, where Docker picks published host ports
 
 
 def route_to(cli: Cli, app: str, *container_ids: str) -> None:

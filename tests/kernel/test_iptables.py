@@ -2,7 +2,7 @@
 
 Every test uses its own chain prefix, so a real installation's chains (NATPORTS-...)
 are never touched; the fixture removes everything with that prefix before and after
-each test, also when it fails. Ports 45025+ keep clear of the nftables tests' 41025+.
+each test, also when it fails. Ports 25025+ keep clear of the nftables tests' 21025+.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def hooks(variant: str) -> list[str]:
 
 
 def test_a_switch_is_idempotent_and_hooks_in_once(ipt: IptablesBackend) -> None:
-    routes = [route("mail", 45025, ("172.30.0.2", 5025), ("172.30.0.3", 5025))]
+    routes = [route("mail", 25025, ("172.30.0.2", 5025), ("172.30.0.3", 5025))]
     ipt.run(ipt.plan_app([], routes))
     first = ours(ipt.variant)
     table = save(ipt.variant)
@@ -154,11 +154,11 @@ def test_a_switch_is_idempotent_and_hooks_in_once(ipt: IptablesBackend) -> None:
 
 
 def test_a_failing_batch_changes_nothing(ipt: IptablesBackend) -> None:
-    old = [route("mail", 45025, ("172.30.0.2", 5025))]
+    old = [route("mail", 25025, ("172.30.0.2", 5025))]
     ipt.run(ipt.plan_app([], old))
     before = save(ipt.variant, counters=True).splitlines()
     before = [ln for ln in before if f"{PREFIX}-" in ln]
-    new = [route("mail", 45025, ("172.30.0.3", 5025)), route("mail", 45026, ("172.30.0.3", 5026))]
+    new = [route("mail", 25025, ("172.30.0.3", 5025)), route("mail", 25026, ("172.30.0.3", 5026))]
     batch = ipt.plan_app(old, new).replace("COMMIT\n", f"-A {PREFIX}-NO-SUCH -j RETURN\nCOMMIT\n")
     with pytest.raises(NatportsError) as err:
         ipt.run(batch)
@@ -170,7 +170,7 @@ def test_a_failing_batch_changes_nothing(ipt: IptablesBackend) -> None:
 
 def test_removal_of_objects_already_gone_does_not_fail(ipt: IptablesBackend) -> None:
     """State says routes exist, the kernel lost them (reboot): removing them still works."""
-    ghost = [route("mail", 45025, ("172.30.0.2", 5025)), route("mail", 45026, ("172.30.0.2", 5026))]
+    ghost = [route("mail", 25025, ("172.30.0.2", 5025)), route("mail", 25026, ("172.30.0.2", 5026))]
     ipt.run(ipt.plan_app(ghost, []))
     assert not any(f"{PREFIX}-A-" in ln or f"{PREFIX}-R-" in ln for ln in ours(ipt.variant))
     # And again with the skeleton present but the app's chains gone.
@@ -185,7 +185,7 @@ def test_removal_of_objects_already_gone_does_not_fail(ipt: IptablesBackend) -> 
 
 
 def test_removed_routes_and_apps_leave_no_chains(ipt: IptablesBackend) -> None:
-    both = [route("mail", 45025, ("172.30.0.2", 5025)), route("mail", 45026, ("172.30.0.2", 5026))]
+    both = [route("mail", 25025, ("172.30.0.2", 5025)), route("mail", 25026, ("172.30.0.2", 5026))]
     ipt.run(ipt.plan_app([], both))
     ipt.run(ipt.plan_app(both, both[:1]))
     chains = ipt.live().chains
@@ -211,11 +211,11 @@ def app_lines(variant: str, backend: IptablesBackend, app: str, routes: list[Rou
 def test_one_apps_switch_leaves_another_apps_chains_untouched(
     ipt: IptablesBackend, client_net: ClientNet
 ) -> None:
-    mail = [route("mail", 45027, (client_net.host_ip, 1))]
-    chat = [route("chat", 45028, (client_net.host_ip, 1))]  # port 1: refused, yet counted
+    mail = [route("mail", 25027, (client_net.host_ip, 1))]
+    chat = [route("chat", 25028, (client_net.host_ip, 1))]  # port 1: refused, yet counted
     ipt.run(ipt.plan_app([], mail))
     ipt.run(ipt.plan_app([], chat))
-    assert "error" in client_net.connect_once(45028)
+    assert "error" in client_net.connect_once(25028)
     assert ipt.counters()[ipt.route_id(chat[0])][0] >= 1
     chat_app, chat_route = ipt.layout.app_chain("chat"), ipt.route_id(chat[0])
 
@@ -226,7 +226,7 @@ def test_one_apps_switch_leaves_another_apps_chains_untouched(
 
     chat_before = app_lines(ipt.variant, ipt, "chat", chat)
     handles_before = chat_handles() if ipt.variant == "nft" else []
-    new_mail = [route("mail", 45027, ("172.30.0.9", 5025)), route("mail", 45029, ("172.30.0.9", 1))]
+    new_mail = [route("mail", 25027, ("172.30.0.9", 5025)), route("mail", 25029, ("172.30.0.9", 1))]
     batch = ipt.plan_app(mail, new_mail)
     assert "chat" not in batch and chat_app not in batch and chat_route not in batch
     ipt.run(batch)
@@ -247,8 +247,8 @@ def test_flush_all_leaves_only_what_was_there_before(ipt: IptablesBackend) -> No
     for attempt in range(3):
         before = not_ours(ipt.variant)
         handles_before = nft_not_ours() if ipt.variant == "nft" else {}
-        ipt.run(ipt.plan_app([], [route("mail", 45025, ("172.30.0.2", 5025))]))
-        ipt.run(ipt.plan_app([], [route("chat", 45026, ("172.30.0.5", 6000))]))
+        ipt.run(ipt.plan_app([], [route("mail", 25025, ("172.30.0.2", 5025))]))
+        ipt.run(ipt.plan_app([], [route("chat", 25026, ("172.30.0.5", 6000))]))
         assert len(ours(ipt.variant)) > 10
         ipt.run(ipt.plan_flush_all())
         assert ours(ipt.variant) == []
@@ -265,11 +265,11 @@ def test_flush_all_leaves_only_what_was_there_before(ipt: IptablesBackend) -> No
 def test_reconcile_removes_drift_and_keeps_counters(
     ipt: IptablesBackend, client_net: ClientNet
 ) -> None:
-    mail = [route("mail", 45030, (client_net.host_ip, 1))]
-    stale = [route("gone", 45031, ("172.30.0.7", 5025))]
+    mail = [route("mail", 25030, (client_net.host_ip, 1))]
+    stale = [route("gone", 25031, ("172.30.0.7", 5025))]
     ipt.run(ipt.plan_app([], mail))
     ipt.run(ipt.plan_app([], stale))
-    client_net.connect_once(45030)
+    client_net.connect_once(25030)
     counted = ipt.counters()[ipt.route_id(mail[0])]
     assert counted[0] >= 1
     ipt.run(ipt.plan_reconcile(mail))
@@ -320,14 +320,14 @@ def test_kernel_dnat_switch_keeps_established_flows(
 ) -> None:
     """The conntrack property the product rests on, through iptables chains."""
     one, two = servers
-    first = [route("mail", 45040, (client_net.host_ip, one.port))]
+    first = [route("mail", 25040, (client_net.host_ip, one.port))]
     ipt.run(ipt.plan_app([], first))
-    held = client_net.hold(45040)
+    held = client_net.hold(25040)
     try:
         assert held.tag == "one"
-        second = [route("mail", 45040, (client_net.host_ip, two.port))]
+        second = [route("mail", 25040, (client_net.host_ip, two.port))]
         ipt.run(ipt.plan_app(first, second))
-        assert client_net.connect_once(45040) == {"tag": "two"}
+        assert client_net.connect_once(25040) == {"tag": "two"}
         assert held.ask("ping") == "one ping"
     finally:
         held.close()
@@ -339,9 +339,9 @@ def test_several_backends_share_new_flows(
     ipt: IptablesBackend, client_net: ClientNet, servers: list[TagServer]
 ) -> None:
     one, two = servers
-    both = [route("mail", 45041, (client_net.host_ip, one.port), (client_net.host_ip, two.port))]
+    both = [route("mail", 25041, (client_net.host_ip, one.port), (client_net.host_ip, two.port))]
     ipt.run(ipt.plan_app([], both))
-    tags = {client_net.connect_once(45041).get("tag") for _ in range(24)}
+    tags = {client_net.connect_once(25041).get("tag") for _ in range(24)}
     assert tags == {"one", "two"}  # all 24 on one side: probability 2**-23
 
 
@@ -352,7 +352,7 @@ def test_missing_binaries_and_missing_root_are_named(ipt: IptablesBackend, tmp_p
     assert "iptables-restore not found" in err.value.message
     assert "apt-get install iptables" in (err.value.hint or "")
 
-    batch = ipt.plan_app([], [route("mail", 45025, ("172.30.0.2", 5025))])
+    batch = ipt.plan_app([], [route("mail", 25025, ("172.30.0.2", 5025))])
     code = (
         "import json, sys\n"
         "from natports.backends.iptables import IptablesBackend\n"
@@ -389,13 +389,13 @@ def test_ipv6_routes_are_refused_before_anything_runs(ipt: IptablesBackend) -> N
     six = Route(
         app="mail",
         process_type="web",
-        key=RouteKey(6, Protocol.TCP, 45025),
+        key=RouteKey(6, Protocol.TCP, 25025),
         private_port=5025,
         backends=(Backend("c", ip_address("fd00::2"), 5025),),
     )
     with pytest.raises(NatportsError) as err:
         ipt.plan_app([], [six])
-    assert "IPv4 only" in err.value.message and "mail 45025/tcp" in err.value.message
+    assert "IPv4 only" in err.value.message and "mail 25025/tcp" in err.value.message
     with pytest.raises(NatportsError, match="IPv4 only"):
         ipt.plan_reconcile([six])
     assert ours(ipt.variant) == []

@@ -45,7 +45,7 @@ def counter_handles() -> dict[str, int]:
 
 
 def test_a_switch_is_idempotent(nft: NftBackend) -> None:
-    routes = [route("mail", 41025, ("172.30.0.2", 5025))]
+    routes = [route("mail", 21025, ("172.30.0.2", 5025))]
     nft.run(nft.plan_app([], routes))
     first = listing()
     nft.run(nft.plan_app(routes, routes))
@@ -53,10 +53,10 @@ def test_a_switch_is_idempotent(nft: NftBackend) -> None:
 
 
 def test_a_failing_batch_changes_nothing(nft: NftBackend) -> None:
-    old = [route("mail", 41025, ("172.30.0.2", 5025))]
+    old = [route("mail", 21025, ("172.30.0.2", 5025))]
     nft.run(nft.plan_app([], old))
     before = listing()
-    new = [route("mail", 41025, ("172.30.0.3", 5025)), route("mail", 41026, ("172.30.0.3", 5026))]
+    new = [route("mail", 21025, ("172.30.0.3", 5025)), route("mail", 21026, ("172.30.0.3", 5026))]
     batch = nft.plan_app(old, new) + f"add rule {TABLE} no_such_chain counter\n"
     with pytest.raises(NatportsError) as err:
         nft.run(batch)
@@ -65,12 +65,12 @@ def test_a_failing_batch_changes_nothing(nft: NftBackend) -> None:
 
 
 def test_switching_one_app_leaves_other_apps_objects_alone(nft: NftBackend) -> None:
-    mail = [route("mail", 41025, ("172.30.0.2", 5025))]
-    chat = [route("chat", 41026, ("172.30.0.5", 6000))]
+    mail = [route("mail", 21025, ("172.30.0.2", 5025))]
+    chat = [route("chat", 21026, ("172.30.0.5", 6000))]
     nft.run(nft.plan_app([], mail))
     nft.run(nft.plan_app([], chat))
     # Give chat's counter a value, then switch mail: chat's batch text names no chat object.
-    batch = nft.plan_app(mail, [route("mail", 41025, ("172.30.0.9", 5025))])
+    batch = nft.plan_app(mail, [route("mail", 21025, ("172.30.0.9", 5025))])
     assert "chat" not in batch
     nft.run(batch)
     text = listing()
@@ -80,26 +80,26 @@ def test_switching_one_app_leaves_other_apps_objects_alone(nft: NftBackend) -> N
 
 
 def test_removed_routes_leave_no_objects(nft: NftBackend) -> None:
-    both = [route("mail", 41025, ("172.30.0.2", 5025)), route("mail", 41026, ("172.30.0.2", 5026))]
+    both = [route("mail", 21025, ("172.30.0.2", 5025)), route("mail", 21026, ("172.30.0.2", 5026))]
     nft.run(nft.plan_app([], both))
     nft.run(nft.plan_app(both, both[:1]))
     live = nft.live()
     assert live is not None
-    assert not any("41026" in c for c in live.chains | live.counters)
-    assert {e.key for e in live.elements} == {"tcp . 41025"}
+    assert not any("21026" in c for c in live.chains | live.counters)
+    assert {e.key for e in live.elements} == {"tcp . 21025"}
 
 
 def test_removal_of_objects_already_gone_does_not_fail(nft: NftBackend) -> None:
     """State says a route exists but the kernel lost it (reboot): removing it still works."""
-    ghost = [route("mail", 41025, ("172.30.0.2", 5025))]
+    ghost = [route("mail", 21025, ("172.30.0.2", 5025))]
     nft.run(nft.plan_app(ghost, []))
     live = nft.live()
     assert live is not None and not live.elements
 
 
 def test_reconcile_removes_drift_and_keeps_counters(nft: NftBackend) -> None:
-    mail = [route("mail", 41025, ("172.30.0.2", 5025))]
-    stale = [route("gone", 41030, ("172.30.0.7", 5025))]
+    mail = [route("mail", 21025, ("172.30.0.2", 5025))]
+    stale = [route("gone", 21030, ("172.30.0.7", 5025))]
     nft.run(nft.plan_app([], mail + stale))
     before = counter_handles()
     nft.run(nft.plan_reconcile(mail))
@@ -115,7 +115,7 @@ def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
     probe = ("inet", f"{NFT_TABLE}_probe")  # a table this test owns, standing in for others
     sh("nft", "add", "table", *probe)
     try:
-        nft.run(nft.plan_app([], [route("mail", 41025, ("172.30.0.2", 5025))]))
+        nft.run(nft.plan_app([], [route("mail", 21025, ("172.30.0.2", 5025))]))
         nft.run(nft.plan_flush_all())
         assert nft.live() is None
         nft.run(nft.plan_flush_all())  # idempotent
@@ -166,14 +166,14 @@ def test_kernel_dnat_switch_keeps_established_flows(
 ) -> None:
     """The conntrack property the product rests on, with host-local backends."""
     one, two = servers
-    first = [route("mail", 41040, (client_net.host_ip, one.port))]
+    first = [route("mail", 21040, (client_net.host_ip, one.port))]
     nft.run(nft.plan_app([], first))
-    held = client_net.hold(41040)
+    held = client_net.hold(21040)
     try:
         assert held.tag == "one"
-        second = [route("mail", 41040, (client_net.host_ip, two.port))]
+        second = [route("mail", 21040, (client_net.host_ip, two.port))]
         nft.run(nft.plan_app(first, second))
-        assert client_net.connect_once(41040) == {"tag": "two"}
+        assert client_net.connect_once(21040) == {"tag": "two"}
         assert held.ask("ping") == "one ping"
     finally:
         held.close()
