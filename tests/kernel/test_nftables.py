@@ -103,12 +103,12 @@ def test_reconcile_removes_drift_and_keeps_counters(nft: NftBackend) -> None:
     nft.run(nft.plan_app([], mail + stale))
     before = counter_handles()
     nft.run(nft.plan_reconcile(mail))
-    assert counter_handles()["a_mail_tcp_41025"] == before["a_mail_tcp_41025"]
+    assert counter_handles()["a_mail_tcp_21025"] == before["a_mail_tcp_21025"]
     live = nft.live()
     assert live is not None
-    assert {c for c in live.chains if c.startswith("a_")} == {"a_mail_tcp_41025"}
-    assert live.counters == {"a_mail_tcp_41025"}
-    assert {e.target for e in live.elements} == {"a_mail_tcp_41025"}
+    assert {c for c in live.chains if c.startswith("a_")} == {"a_mail_tcp_21025"}
+    assert live.counters == {"a_mail_tcp_21025"}
+    assert {e.target for e in live.elements} == {"a_mail_tcp_21025"}
 
 
 def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
@@ -178,4 +178,4 @@ def test_kernel_dnat_switch_keeps_established_flows(
     finally:
         held.close()
     counters = nft.counters()
-    assert counters["a_mail_tcp_41040"][0] >= 2  # one packet per new flow, at least
+    assert counters["a_mail_tcp_21040"][0] >= 2  # one packet per new flow, at least
