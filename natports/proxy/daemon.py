@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ UDP_IDLE = 60.0
 LISTEN_BACKLOG = 4096
 IP_FREEBIND = 15  # listen on a fixed address even before it is configured (boot order)
 MAX_COMMAND = 4096
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 class ControlClient:
@@ -312,7 +314,7 @@ class Daemon:
             try:
                 opened[key] = self._listen(route)
             except OSError as exc:
-                message = f"cannot listen on {describe_key(key)}: {exc.strerror or exc}"
+                message = listen_failure(key, exc)
                 if strict and key not in self.routes:
                     for listener in opened.values():
                         self._unlisten(listener)
@@ -570,7 +572,7 @@ class Daemon:
                 try:
                     listener = self._listen(route)
                 except OSError as exc:
-                    self.errors[route.key] = f"cannot listen on {describe_key(route.key)}: {exc}"
+                    self.errors[route.key] = listen_failure(route.key, exc)
                     continue
                 listener.start()
                 self.listeners[route.key] = listener
@@ -593,6 +595,28 @@ class Daemon:
             len(self.routes),
             len(self.relay.conns),
         )
+
+
+def listen_failure(key: RouteKey, exc: OSError) -> str:
+    """Why a public port cannot be bound, with the usual cause when it is an ephemeral port."""
+    message = f"cannot listen on {describe_key(key)}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        low, high = ephemeral_port_range()
+        if low <= key.public_port <= high:
+            message += (
+                f" (port {key.public_port} is in net.ipv4.ip_local_port_range {low}-{high},"
+                " where the kernel picks source ports of outgoing connections and Docker"
+                " the host ports it publishes: choose a public port outside it)"
+            )
+    return message
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path(EPHEMERAL_RANGE_FILE).read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # the kernel's default
 
 
 def _inherit(fd: int) -> socket.socket:

@@ -30,7 +30,7 @@ from natports.proxy.config import parse_config, render_config, write_atomically
 from natports.proxy.control import request
 from tests.infra import ClientNet, Container, Containers, wait_for
 
-PORT = 26025  # public ports 26025..26045: high, no host service involved
+PORT = 26025  # public ports 26025..26046: below the ephemeral range, no host service involved
 TCP, UDP = Protocol.TCP, Protocol.UDP
 
 # A UDP client with one socket (one source port) for its whole life, driven line by line.
@@ -306,6 +306,37 @@ def test_refused_reload_changes_nothing(
     assert f"cannot listen on {client_net.host_ip}:{PORT + 8}/tcp" in info.value.message
     assert proxy.backend.config_path.read_text() == before
     assert client_net.connect_once(PORT + 7) == {"tag": "v1"}
+
+
+def test_a_port_taken_in_the_ephemeral_range_is_explained(
+    proxy: ProxyDaemon, client_net: ClientNet, containers: Containers
+) -> None:
+    """The usual way a public port is found taken: the kernel gave it to someone as ephemeral."""
+    v1 = containers.start("v1")
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    with socket.socket() as squatter:
+        squatter.bind((client_net.host_ip, 0))  # the kernel picks from the ephemeral range
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        with pytest.raises(NatportsError) as info:
+            proxy.apply([route(client_net, taken, v1)])
+    assert f"cannot listen on {client_net.host_ip}:{taken}/tcp: Address already in use" in (
+        info.value.message
+    )
+    assert f"is in net.ipv4.ip_local_port_range {low}-{high}" in info.value.message
+
+
+def test_a_port_taken_outside_the_ephemeral_range_gets_no_ephemeral_hint(
+    proxy: ProxyDaemon, client_net: ClientNet, containers: Containers
+) -> None:
+    v1 = containers.start("v1")
+    with socket.socket() as squatter:
+        squatter.bind((client_net.host_ip, PORT + 21))
+        squatter.listen()
+        with pytest.raises(NatportsError) as info:
+            proxy.apply([route(client_net, PORT + 21, v1)])
+    assert f"cannot listen on {client_net.host_ip}:{PORT + 21}/tcp" in info.value.message
+    assert "ip_local_port_range" not in info.value.message
 
 
 @pytest.mark.parametrize("splice", ["1", "0"])
