@@ -18,44 +18,28 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-from .model import Protocol, Route
+from .model import Backend, Protocol, Route
 
 RETIRED = "conntrack"  # store document kind
 RETIRED_DOC = "udp-retired"
 
 
-@dataclass(frozen=True, order=True)
-class RetiredUdp:
-    container_id: str
-    ip: str
-    port: int
-
-    def to_json(self) -> dict[str, object]:
-        return {"container_id": self.container_id, "ip": self.ip, "port": self.port}
-
-
-def removed_udp_backends(previous: Sequence[Route], desired: Sequence[Route]) -> set[RetiredUdp]:
+def removed_udp_backends(previous: Sequence[Route], desired: Sequence[Route]) -> set[Backend]:
     """UDP backends that served `previous` and serve nothing in `desired`."""
 
-    def udp(routes: Iterable[Route]) -> set[RetiredUdp]:
-        return {
-            RetiredUdp(b.container_id, str(b.ip), b.port)
-            for r in routes
-            if r.key.protocol is Protocol.UDP
-            for b in r.backends
-        }
+    def udp(routes: Iterable[Route]) -> set[Backend]:
+        return {b for r in routes if r.key.protocol is Protocol.UDP for b in r.backends}
 
     return udp(previous) - udp(desired)
 
 
-def forget_udp_flows(backend: RetiredUdp) -> bool:
+def forget_udp_flows(backend: Backend) -> bool:
     """Delete the conntrack entries of UDP flows DNATed to this backend."""
     binary = shutil.which("conntrack")
     if binary is None:
         return False
-    family = "ipv6" if ":" in backend.ip else "ipv4"
+    family = f"ipv{backend.ip.version}"
     proc = subprocess.run(
         [
             binary,
@@ -65,7 +49,7 @@ def forget_udp_flows(backend: RetiredUdp) -> bool:
             "-p",
             "udp",
             "--reply-src",
-            backend.ip,
+            str(backend.ip),
             "--reply-port-src",
             str(backend.port),
         ],

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from .backends.base import RouteBackend
 from .backends.nftables import NftBackend
-from .conntrack import RETIRED, RETIRED_DOC, RetiredUdp, forget_udp_flows, removed_udp_backends
+from .conntrack import RETIRED, RETIRED_DOC, forget_udp_flows, removed_udp_backends
 from .containers import AppProblem, Docker, current_containers
 from .desired import build_routes
 from .errors import InputError, NatportsError
 from .listeners import host_listeners
-from .model import Mapping, Route, is_valid_app_name
+from .model import Backend, Mapping, Route, is_valid_app_name
 from .policy import Listener, check_conflicts, check_policy, load_policy
 from .spec import Located, ParseResult, SpecError, parse_bytes
 from .store import Applied, Store
@@ -238,29 +238,28 @@ def _remove_leftovers(ctx: Context) -> None:
         _remember_retired(ctx, removed_udp_backends(routes, ()))
 
 
-def _remember_retired(ctx: Context, removed: set[RetiredUdp]) -> None:
+def _remember_retired(ctx: Context, removed: set[Backend]) -> None:
     if not removed:
         return
-    known = set(retired_udp(ctx))
-    ctx.store.set_document(
-        RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in sorted(known | removed)]}
-    )
+    known = set(retired_udp(ctx)) | removed
+    retired = sorted(known, key=lambda b: (b.container_id, str(b.ip), b.port))  # v4 and v6 mixed
+    ctx.store.set_document(RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in retired]})
 
 
-def retired_udp(ctx: Context) -> list[RetiredUdp]:
+def retired_udp(ctx: Context) -> list[Backend]:
     data = ctx.store.document(RETIRED, RETIRED_DOC) or {}
     items = data.get("backends", [])
     assert isinstance(items, list)
-    return [RetiredUdp(str(b["container_id"]), str(b["ip"]), int(b["port"])) for b in items]
+    return [Backend.from_json(b) for b in items]
 
 
-def forget_dead_udp(ctx: Context, is_gone: Callable[[str], bool]) -> list[RetiredUdp]:
+def forget_dead_udp(ctx: Context, is_gone: Callable[[str], bool]) -> list[Backend]:
     """Delete the UDP conntrack entries of retired backends whose container is gone.
 
     The caller holds the lock. Returns what was forgotten.
     """
-    kept: list[RetiredUdp] = []
-    forgotten: list[RetiredUdp] = []
+    kept: list[Backend] = []
+    forgotten: list[Backend] = []
     for backend in retired_udp(ctx):
         if is_gone(backend.container_id) and forget_udp_flows(backend):
             forgotten.append(backend)
