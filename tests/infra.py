@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -161,6 +163,34 @@ class UdpFlow:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream:
                 stream.close()
+
+
+class TagServer:
+    """A host-local TCP server that greets with a tag: a backend without Docker."""
+
+    def __init__(self, host: str, tag: str) -> None:
+        self.tag = tag
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(f"{self.tag}\n".encode())
+            for line in conn.makefile("rb"):
+                conn.sendall(f"{self.tag} {line.decode().strip()}\n".encode())
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Hammer:

@@ -11,10 +11,8 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
@@ -24,7 +22,7 @@ import pytest
 from natports.backends.iptables import IptablesBackend
 from natports.errors import InputError, NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
-from tests.infra import ClientNet, sh
+from tests.infra import ClientNet, TagServer, sh
 
 PREFIX = "NPKTEST"  # not NATPORTS_TEST either: the e2e suite may use that one meanwhile
 VARIANTS = ["nft", "legacy"]
@@ -277,42 +275,6 @@ def test_reconcile_removes_drift_and_keeps_counters(
     assert ipt.layout.app_chain("gone") not in live.chains
     assert ipt.route_id(stale[0]) not in live.chains
     assert ipt.counters() == {ipt.route_id(mail[0]): counted}
-
-
-class TagServer:
-    """A host-local TCP server that greets with a tag: a backend without Docker."""
-
-    def __init__(self, host: str, tag: str) -> None:
-        self.tag = tag
-        self.sock = socket.create_server((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
-
-    def _client(self, conn: socket.socket) -> None:
-        with conn:
-            conn.sendall(f"{self.tag}\n".encode())
-            for line in conn.makefile("rb"):
-                conn.sendall(f"{self.tag} {line.decode().strip()}\n".encode())
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def servers(client_net: ClientNet) -> Iterator[list[TagServer]]:
-    made = [TagServer(client_net.host_ip, tag) for tag in ("one", "two")]
-    yield made
-    for server in made:
-        server.close()
 
 
 def test_kernel_dnat_switch_keeps_established_flows(

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-from collections.abc import Iterator
 from ipaddress import ip_address
 
 import pytest
@@ -13,7 +10,7 @@ import pytest
 from natports.backends.nftables import NftBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
-from tests.infra import NFT_TABLE, ClientNet, sh
+from tests.infra import NFT_TABLE, ClientNet, TagServer, sh
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
@@ -122,43 +119,6 @@ def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
         assert sh("nft", "list", "table", *probe).returncode == 0
     finally:
         sh("nft", "delete", "table", *probe, check=False)
-
-
-class TagServer:
-    """A host-local TCP server that greets with a tag: a backend without Docker."""
-
-    def __init__(self, host: str, tag: str) -> None:
-        self.tag = tag
-        self.sock = socket.create_server((host, 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._client, args=(conn,), daemon=True).start()
-
-    def _client(self, conn: socket.socket) -> None:
-        with conn:
-            conn.sendall(f"{self.tag}\n".encode())
-            reader = conn.makefile("rb")
-            for line in reader:
-                conn.sendall(f"{self.tag} {line.decode().strip()}\n".encode())
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def servers(client_net: ClientNet) -> Iterator[list[TagServer]]:
-    made = [TagServer(client_net.host_ip, tag) for tag in ("one", "two")]
-    yield made
-    for server in made:
-        server.close()
 
 
 def test_kernel_dnat_switch_keeps_established_flows(
