@@ -6,6 +6,7 @@ kills it (and everything else it made) at the end, whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,21 +33,7 @@ from tests.infra import ClientNet, Container, Containers, wait_for
 
 PORT = 26025  # public ports 26025..26046: below the ephemeral range, no host service involved
 TCP, UDP = Protocol.TCP, Protocol.UDP
-
-# A UDP client with one socket (one source port) for its whole life, driven line by line.
-UDP_CLIENT = r"""
-import json, socket, sys
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-sock.settimeout(1.5)
-sock.connect((sys.argv[1], int(sys.argv[2])))  # answers must come from the public address
-print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
-for line in sys.stdin:
-    sock.send(line.strip().encode())
-    try:
-        print(json.dumps({"answer": sock.recv(4096).decode()}), flush=True)
-    except OSError as exc:
-        print(json.dumps({"answer": None, "error": str(exc)}), flush=True)
-"""
+LOOPBACK = ip_address("127.0.0.1")
 
 
 class ProxyDaemon:
@@ -123,36 +110,6 @@ def route(
         private_port=5025,
         backends=tuple(Backend(c.id, ip_address(c.ip), 5025) for c in containers),
     )
-
-
-class UdpClient:
-    """One UDP socket in the client namespace, kept across reloads and restarts."""
-
-    def __init__(self, net: ClientNet, port: int) -> None:
-        argv = ["ip", "netns", "exec", net.ns, sys.executable, "-c", UDP_CLIENT]
-        self.proc = subprocess.Popen(
-            [*argv, net.host_ip, str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        self.port = int(json.loads(self.proc.stdout.readline())["port"])
-
-    def ask(self, text: str) -> str | None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline())["answer"]
-        return None if answer is None else str(answer)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream:
-                stream.close()
 
 
 def restart(daemon: ProxyDaemon, how: str) -> None:
@@ -346,19 +303,8 @@ def test_bulk_data_both_ways_with_half_close(
     """64 MiB each way, byte exact; the backend answers only after the client's FIN."""
     proxy = start_proxy({"NATPORTS_PROXY_SPLICE": splice})
     assert proxy.status()["splice"] is (splice == "1")
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        backend_port = server.getsockname()[1]
-        threading.Thread(target=_echo_then_digest, args=(server,), daemon=True).start()
-        public = Route(
-            "bulk",
-            "web",
-            RouteKey(4, TCP, PORT + 9, ip_address("127.0.0.1")),
-            backend_port,
-            (Backend("local", ip_address("127.0.0.1"), backend_port),),
-        )
-        proxy.apply([public])
+    with echo_backend() as backend:
+        proxy.apply([loopback_route("bulk", RouteKey(4, TCP, PORT + 9, LOOPBACK), backend)])
         payload = os.urandom(64 << 20)
         with socket.create_connection(("127.0.0.1", PORT + 9), timeout=30) as client:
             received = bytearray()
@@ -378,20 +324,8 @@ def test_restarts_during_a_transfer_lose_no_byte(
 ) -> None:
     """Pipes and buffers with data in them are handed over with the sockets."""
     proxy = start_proxy({"NATPORTS_PROXY_SPLICE": splice})
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        backend_port = server.getsockname()[1]
-        echo = threading.Thread(target=_echo_then_digest, args=(server, 0.002), daemon=True)
-        echo.start()
-        public = Route(
-            "bulk",
-            "web",
-            RouteKey(4, TCP, PORT + 15, ip_address("127.0.0.1")),
-            backend_port,
-            (Backend("local", ip_address("127.0.0.1"), backend_port),),
-        )
-        proxy.apply([public])
+    with echo_backend(pause=0.002) as backend:
+        proxy.apply([loopback_route("bulk", RouteKey(4, TCP, PORT + 15, LOOPBACK), backend)])
         chunks = [os.urandom(256 * 1024) for _ in range(160)]
         with socket.create_connection(("127.0.0.1", PORT + 15), timeout=30) as client:
             received = bytearray()
@@ -423,19 +357,9 @@ def _send_all(sock: socket.socket, chunks: list[bytes]) -> None:
 def test_ipv6_listener(start_proxy: Callable[..., ProxyDaemon]) -> None:
     """A family-6 route listens on an IPv6 address (V6ONLY); any backend family works."""
     proxy = start_proxy()
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        backend_port = server.getsockname()[1]
-        threading.Thread(target=_echo_then_digest, args=(server,), daemon=True).start()
-        six = Route(
-            "six",
-            "web",
-            RouteKey(6, TCP, PORT + 14, ip_address("::1")),
-            backend_port,
-            (Backend("local", ip_address("127.0.0.1"), backend_port),),
-        )
-        proxy.apply([six])
+    with echo_backend() as backend:
+        six = RouteKey(6, TCP, PORT + 14, ip_address("::1"))
+        proxy.apply([loopback_route("six", six, backend)])
         with socket.create_connection(("::1", PORT + 14), timeout=10) as client:
             client.sendall(b"hello")
             client.shutdown(socket.SHUT_WR)
@@ -443,6 +367,20 @@ def test_ipv6_listener(start_proxy: Callable[..., ProxyDaemon]) -> None:
             _read_all(client, received)
     assert bytes(received).startswith(b"helloDIGEST ")
     assert proxy.backend.counters()[f"six/tcp6/::1/{PORT + 14}"][0] == 1
+
+
+@contextlib.contextmanager
+def echo_backend(pause: float = 0.0) -> Iterator[Backend]:
+    """A one-connection backend on loopback that echoes, then sends the digest of it all."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        threading.Thread(target=_echo_then_digest, args=(server, pause), daemon=True).start()
+        yield Backend("local", LOOPBACK, server.getsockname()[1])
+
+
+def loopback_route(app: str, key: RouteKey, backend: Backend) -> Route:
+    return Route(app, "web", key, backend.port, (backend,))
 
 
 def _echo_then_digest(server: socket.socket, pause: float = 0.0) -> None:
@@ -470,7 +408,7 @@ def test_udp_flow_keeps_its_backend_across_reload_and_restart(
 ) -> None:
     v1 = containers.start("v1")
     proxy.apply([route(client_net, PORT + 10, v1, app="dns", protocol=UDP)])
-    old = UdpClient(client_net, PORT + 10)
+    old = client_net.udp_hold(PORT + 10)
     try:
         assert wait_for(lambda: old.ask("a")) == "v1 a"  # echod may still be binding
         v2 = containers.start("v2")
@@ -496,7 +434,7 @@ def test_udp_flow_ends_when_idle(
     proxy = start_proxy({"NATPORTS_PROXY_UDP_IDLE": "1"})
     v1, v2 = containers.start("v1"), containers.start("v2")
     proxy.apply([route(client_net, PORT + 11, v1, app="dns", protocol=UDP)])
-    client = UdpClient(client_net, PORT + 11)
+    client = client_net.udp_hold(PORT + 11)
     try:
         assert wait_for(lambda: client.ask("a")) == "v1 a"
         proxy.apply([route(client_net, PORT + 11, v2, app="dns", protocol=UDP)])
@@ -515,7 +453,7 @@ def test_udp_on_all_addresses_answers_from_the_address_asked(
         "dns", "web", RouteKey(4, UDP, PORT + 12), 5025, (Backend(v1.id, ip_address(v1.ip), 5025),)
     )
     proxy.apply([wildcard])
-    client = UdpClient(client_net, PORT + 12)  # connected: drops answers from other sources
+    client = client_net.udp_hold(PORT + 12)  # connected: drops answers from other sources
     try:
         assert wait_for(lambda: client.ask("x")) == "v1 x"
     finally:
