@@ -22,7 +22,8 @@ from natports.backends.ipt_render import (
     render_hook_fixes,
     render_reconcile,
 )
-from natports.model import Backend, Protocol, Route, RouteKey
+from natports.model import Protocol, Route, RouteKey
+from tests.unit.routes import route
 
 TCP = Protocol.TCP
 UDP = Protocol.UDP
@@ -115,23 +116,6 @@ COMMIT
 
 def live(text: str = LIVE_SAVE) -> LiveNat:
     return parse_save(text, LAYOUT)
-
-
-def route(
-    app: str,
-    key: RouteKey,
-    private: int,
-    *ips: str,
-    subnets: tuple[str, ...] = ("172.17.0.0/16",),
-) -> Route:
-    return Route(
-        app=app,
-        process_type="web",
-        key=key,
-        private_port=private,
-        backends=tuple(Backend(f"c-{ip}", ip_address(ip), private) for ip in ips),
-        hairpin_subnets=subnets,
-    )
 
 
 def mail_25(*ips: str) -> Route:

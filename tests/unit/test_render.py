@@ -18,7 +18,8 @@ from natports.backends.nft_render import (
     render_flush_all,
     render_reconcile,
 )
-from natports.model import APP_NAME_RE, Backend, Protocol, Route, RouteKey
+from natports.model import APP_NAME_RE, Protocol, Route, RouteKey
+from tests.unit.routes import route
 
 TCP = Protocol.TCP
 UDP = Protocol.UDP
@@ -55,27 +56,6 @@ add rule inet natports a_mail_tcp_25 ip saddr { 172.17.0.0/16 } meta mark set me
 add rule inet natports a_mail_tcp_25 meta l4proto tcp counter name a_mail_tcp_25 dnat ip to 172.17.0.2 : 5025
 add element inet natports any4 { tcp . 25 : goto a_mail_tcp_25 }
 """
-
-
-def backend(ip: str, port: int, cid: str | None = None) -> Backend:
-    return Backend(cid or f"c-{ip}", ip_address(ip), port)
-
-
-def route(
-    app: str,
-    key: RouteKey,
-    private: int,
-    *ips: str,
-    subnets: tuple[str, ...] = ("172.17.0.0/16",),
-) -> Route:
-    return Route(
-        app=app,
-        process_type="web",
-        key=key,
-        private_port=private,
-        backends=tuple(backend(ip, private) for ip in ips),
-        hairpin_subnets=subnets,
-    )
 
 
 def mail_25() -> Route:
