@@ -23,7 +23,7 @@ from typing import Any
 from . import engine
 from .errors import InputError, NatportsError
 from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol
-from .spec import Located, overlaps, parse_bytes
+from .spec import Located, overlaps
 
 LIVE = "dokku"
 STAGED = "staged"
@@ -140,24 +140,12 @@ def stage(
         ports_text = read_ports_from_image(ctx, image)
     map_located, warnings = parse_ports_map(ports_map)
     with ctx.store.locked():
-        sources = Sources(_validated(ctx, app, ports_text), tuple(m.mapping for m in map_located))
-        warnings += _routable_map(ctx, app, sources)[1]
+        check = engine.claim_checker(ctx, app)
+        from_file = None if ports_text is None else engine.validate(ports_text, "PORTS", check)
+        sources = Sources(from_file, tuple(m.mapping for m in map_located))
+        warnings += _routable_map(check, sources)[1]
         ctx.store.set_document(STAGED, app, sources.to_json())
         return sources, warnings
-
-
-def _validated(
-    ctx: engine.Context, app: str, ports_text: bytes | None
-) -> tuple[Mapping, ...] | None:
-    """The PORTS file of a release: grammar, conflicts and policy are errors (abort the deploy)."""
-    if ports_text is None:
-        return None
-    result = parse_bytes(ports_text)
-    errors = list(result.errors) + engine.check_claims(ctx, app, result.mappings)
-    if errors:
-        errors.sort(key=lambda e: (e.line, e.col))
-        raise InputError([e.format("PORTS") for e in errors])
-    return tuple(loc.mapping for loc in result.mappings)
 
 
 def _map_text(mapping: Mapping) -> str:
@@ -165,7 +153,7 @@ def _map_text(mapping: Mapping) -> str:
 
 
 def _routable_map(
-    ctx: engine.Context, app: str, sources: Sources
+    check: engine.ClaimCheck, sources: Sources
 ) -> tuple[tuple[Mapping, ...], list[str]]:
     """Port-map entries to route, and a warning for each one left out.
 
@@ -175,7 +163,7 @@ def _routable_map(
     shadowed = sources.shadowed()
     candidates = [m for m in sources.ports_map if m not in shadowed]
     located = [Located(m, i, 1) for i, m in enumerate(candidates, start=1)]
-    problems = engine.check_claims(ctx, app, located)
+    problems = check(located)
     dropped = {e.line for e in problems}
     warnings = [
         f"ports:set {_map_text(candidates[e.line - 1])} is not routed: {e.message}"
@@ -222,12 +210,13 @@ def promote(
         # Claims may have changed since post-extract (another app deployed meanwhile).
         from_file = current.ports_file or ()
         located = [Located(m, i, 1) for i, m in enumerate(from_file, start=1)]
-        clashes = engine.check_claims(ctx, app, located)
+        check = engine.claim_checker(ctx, app)
+        clashes = check(located)
         if clashes:
             raise InputError(
                 [f"PORTS {from_file[e.line - 1].to_line()}: {e.message}" for e in clashes]
             )
-        kept, map_warnings = _routable_map(ctx, app, current)
+        kept, map_warnings = _routable_map(check, current)
         warnings += map_warnings
         ctx.store.set_document(LIVE, app, current.to_json())
         if from_stage:

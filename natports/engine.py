@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .backends.base import RouteBackend
 from .backends.nftables import NftBackend
+from .backends.proxy import ProxyBackend
 from .conntrack import RETIRED, RETIRED_DOC, forget_udp_flows, removed_udp_backends
 from .containers import AppProblem, Docker, current_containers
 from .desired import build_routes
@@ -20,7 +21,7 @@ from .errors import InputError, NatportsError
 from .listeners import host_listeners
 from .model import Backend, Mapping, Route, is_valid_app_name
 from .policy import Listener, check_conflicts, check_policy, load_policy
-from .spec import Located, ParseResult, SpecError, parse_bytes
+from .spec import Located, ParseResult, SpecError, format_errors, parse_bytes
 from .store import Applied, Store
 
 
@@ -83,47 +84,63 @@ def require_app_name(app: str) -> None:
 def check_file(data: bytes, filename: str) -> ParseResult:
     result = parse_bytes(data)
     if not result.ok:
-        raise InputError([e.format(filename) for e in result.errors])
+        raise InputError(format_errors(result, filename))
     return result
 
 
-def validate_for_app(ctx: Context, app: str, data: bytes, filename: str) -> tuple[Mapping, ...]:
-    """Grammar, then conflicts with every other app, then the host policy: all errors at once."""
-    require_app_name(app)
+ClaimCheck = Callable[[Sequence[Located]], list[SpecError]]
+
+
+def claim_checker(ctx: Context, app: str) -> ClaimCheck:
+    """Conflicts with every other app, then the host policy, for mappings of `app`.
+
+    What it checks against (other apps' claims, the policy, host listeners) is read
+    once, so one deploy step can check its PORTS file and its port map with it.
+    """
+    applied = {a: rec for a in ctx.store.applied_apps() if (rec := ctx.store.applied(a))}
+    claims = _claims(ctx, app, applied)
+    policy = load_policy(ctx.config_path)
+    # The proxy daemon's sockets are natports' own routes, not host services.
+    proxied = {
+        (r.key.protocol, r.key.public_port)
+        for rec in applied.values()
+        if rec.backend == ProxyBackend.name
+        for r in rec.routes
+    }
+    listeners = [lst for lst in ctx.listeners() if (lst.protocol, lst.port) not in proxied]
+
+    def check(located: Sequence[Located]) -> list[SpecError]:
+        return check_conflicts(app, located, claims) + check_policy(located, policy, listeners)
+
+    return check
+
+
+def validate(data: bytes, filename: str, check: ClaimCheck) -> tuple[Mapping, ...]:
+    """Grammar, then `check`: every error at once, in file order."""
     result = parse_bytes(data)
-    errors = list(result.errors) + check_claims(ctx, app, result.mappings)
+    errors = list(result.errors) + check(result.mappings)
     if errors:
         errors.sort(key=lambda e: (e.line, e.col))
         raise InputError([e.format(filename) for e in errors])
     return tuple(loc.mapping for loc in result.mappings)
 
 
-def check_claims(ctx: Context, app: str, located: Sequence[Located]) -> list[SpecError]:
-    """Conflicts with every other app, then the host policy."""
-    errors = check_conflicts(app, located, _claims(ctx, app))
-    # The proxy backend's own sockets for this app's routes are not a host service.
-    applied = ctx.store.applied(app)
-    own = {(r.key.protocol, r.key.public_port) for r in (applied.routes if applied else ())}
-    listeners = [lst for lst in ctx.listeners() if (lst.protocol, lst.port) not in own]
-    return errors + check_policy(located, load_policy(ctx.config_path), listeners)
-
-
-def _claims(ctx: Context, app: str) -> dict[str, tuple[Mapping, ...]]:
+def _claims(ctx: Context, app: str, applied: dict[str, Applied]) -> dict[str, tuple[Mapping, ...]]:
     """What every other app holds: its stored mappings and what the kernel still routes for it.
 
     A port an app dropped from its PORTS stays its own until an apply removes the rules.
     """
     claims = {a: m for a, m in ctx.store.all_mappings().items() if a != app}
-    for other in ctx.store.applied_apps():
-        applied = ctx.store.applied(other)
-        if other != app and applied is not None:
-            claims[other] = claims.get(other, ()) + tuple(r.claim() for r in applied.routes)
+    for other, record in applied.items():
+        if other != app:
+            claims[other] = claims.get(other, ()) + tuple(r.claim() for r in record.routes)
     return claims
 
 
 def set_ports(ctx: Context, app: str, data: bytes, filename: str) -> tuple[Mapping, ...]:
+    require_app_name(app)
     with ctx.store.locked():
-        mappings = validate_for_app(ctx, app, data, filename)
+        mappings = validate(data, filename, claim_checker(ctx, app))
         ctx.store.set_mappings(app, mappings)
         return mappings
 

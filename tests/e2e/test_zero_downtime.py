@@ -139,6 +139,18 @@ def test_a_second_apps_switch_leaves_the_first_alone(
         held.close()
 
 
+def test_a_routed_port_is_a_claim_not_a_host_listener(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    """The proxy's own listening sockets must read as the app's claim, for any app."""
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    route_to(cli, "mail", containers.start("v1").id)
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")  # its own port: accepted again
+    refused = cli("ports", "set", "chat", input=f"{PORT}:5025\n", expect=2)
+    assert f'port {PORT}/tcp is already mapped by app "mail"' in refused.stderr
+    assert "in use on the host" not in refused.stderr
+
+
 def test_udp_mapping_reaches_the_container(
     cli: Cli, client_net: ClientNet, containers: Containers
 ) -> None:
