@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from ipaddress import ip_address
 from pathlib import Path
 
 import click
@@ -13,7 +14,7 @@ from . import engine
 from .backends import select
 from .cli_support import handles_errors, read_input
 from .errors import InputError
-from .model import Mapping
+from .model import Mapping, host_text
 from .store import Store
 
 DEFAULT_STATE_DIR = "/var/lib/natports"
@@ -204,7 +205,7 @@ def status(ctx: engine.Context, as_json: bool) -> None:
     table = [("APP", "PROCESS", "PUBLIC", "PRIVATE", "BACKENDS", "PACKETS", "BYTES")]
     for r in rows:
         ip = r["public_ip"]
-        host = "*" if ip is None else (f"[{ip}]" if ":" in str(ip) else str(ip))
+        host = "*" if ip is None else host_text(ip_address(str(ip)))
         backends = r["backends"]
         assert isinstance(backends, list)
         table.append(

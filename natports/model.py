@@ -28,6 +28,11 @@ def is_valid_app_name(name: str) -> bool:
     return bool(APP_NAME_RE.fullmatch(name))
 
 
+def host_text(ip: IPAddress) -> str:
+    """An address as it stands before `:port`: IPv6 in brackets."""
+    return f"[{ip}]" if ip.version == 6 else str(ip)
+
+
 @dataclass(frozen=True, order=True)
 class Mapping:
     """One PORTS line: `count` consecutive public ports onto as many private ports."""
@@ -52,9 +57,7 @@ class Mapping:
         return [(self.public_port + i, self.private_port + i) for i in range(self.count)]
 
     def _host(self) -> str:
-        if self.public_ip is None:
-            return ""
-        return f"[{self.public_ip}]:" if self.public_ip.version == 6 else f"{self.public_ip}:"
+        return "" if self.public_ip is None else f"{host_text(self.public_ip)}:"
 
     def public_text(self) -> str:
         """The public side as an operator writes it: `[ip:]port[-end]/proto`."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .model import PORT_MAX, PORT_MIN, IPAddress, Mapping, Protocol
+from .model import PORT_MAX, PORT_MIN, IPAddress, Mapping, Protocol, host_text
 from .spec import Located, SpecError, overlaps
 
 _RANGE_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?(?:/(tcp|udp))?$")
@@ -161,19 +161,15 @@ def _policy_problem(mapping: Mapping, policy: Policy, listeners: list[Listener])
             if listener.shadowed_by(mapping, public):
                 return (
                     f"port {public}/{proto} is in use on the host: {listener.process} "
-                    f"listens on {_addr(listener.ip)}:{public} (an operator can allow it "
+                    f"listens on {host_text(listener.ip)}:{public} (an operator can allow it "
                     "with policy.allow_listening)"
                 )
     return None
-
-
-def _addr(ip: IPAddress) -> str:
-    return f"[{ip}]" if ip.version == 6 else str(ip)
 
 
 def _shared(a: Mapping, b: Mapping) -> str:
     """The first public port two overlapping mappings share, as `[ip:]port/proto`."""
     port = max(a.public_port, b.public_port)
     ip = a.public_ip or b.public_ip
-    host = "" if ip is None else f"{_addr(ip)}:"
+    host = "" if ip is None else f"{host_text(ip)}:"
     return f"{host}{port}/{a.protocol}"

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..model import Route, RouteKey
+from ..model import Route, RouteKey, host_text
 
 TABLE = "inet natports"  # family and name; tests use another name to stay apart
 HAIRPIN_MARK = 0x00100000
@@ -125,7 +125,7 @@ def route_lines(route: Route, table: str = TABLE) -> list[str]:
 
 def _targets(route: Route) -> str:
     port = route.private_port
-    addrs = [str(b.ip) if b.ip.version == 4 else f"[{b.ip}]" for b in route.backends]
+    addrs = [host_text(b.ip) for b in route.backends]
     if len(addrs) == 1:
         return f"{addrs[0]} : {port}"
     entries = ", ".join(f"{i} : {a}" for i, a in enumerate(addrs))

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..model import Route, RouteKey
+from ..model import Route, RouteKey, host_text
 from ..store import write_file_atomically
 
 CONFIG_VERSION = 1
@@ -43,10 +43,8 @@ def describe_key(key: RouteKey) -> str:
     """`198.51.100.7:25/tcp`, `*:53/udp`, `[::]:25/tcp` for log lines and errors."""
     if key.public_ip is None:
         host = "*" if key.family == 4 else "[::]"
-    elif key.public_ip.version == 6:
-        host = f"[{key.public_ip}]"
     else:
-        host = str(key.public_ip)
+        host = host_text(key.public_ip)
     return f"{host}:{key.public_port}/{key.protocol}"
 
 

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ..model import Backend, Route, RouteKey
+from ..model import Backend, Route, RouteKey, host_text
 from .config import describe_key, route_id
 
 log = logging.getLogger("natports.proxy")
@@ -127,8 +127,7 @@ class Relay:
 
 
 def backend_text(backend: Backend) -> str:
-    host = f"[{backend.ip}]" if backend.ip.version == 6 else str(backend.ip)
-    return f"{host}:{backend.port}"
+    return f"{host_text(backend.ip)}:{backend.port}"
 
 
 def _family(backend: Backend) -> socket.AddressFamily:
