@@ -40,6 +40,7 @@ from ..model import Protocol, Route, RouteKey
 from .config import ConfigError, describe_key, read_config, route_id, socket_path
 from .inherit import (
     HANDOVER_ENV,
+    adopt_socket,
     handover_env,
     sd_notify,
     socket_serves,
@@ -548,13 +549,13 @@ class Daemon:
         self.started = float(state["started"])
         for rid, (connections, nbytes) in state["stats"].items():
             self.relay.stats[rid] = Stats(int(connections), int(nbytes))
-        self.control = _inherit(int(state["control"]["fd"]))
+        self.control = adopt_socket(int(state["control"]["fd"]))
         self.control_owned = bool(state["control"]["owned"])
         self.relay.loop.add(self.control.fileno(), self._on_control, IN)
-        self.spare = [_inherit(int(fd)) for fd in state["spare"]]
+        self.spare = [adopt_socket(int(fd)) for fd in state["spare"]]
         for entry in state["listeners"]:
             route = Route.from_json(entry["route"])
-            sock = _inherit(int(entry["fd"]))
+            sock = adopt_socket(int(entry["fd"]))
             listener: Listener
             if route.key.protocol is Protocol.TCP:
                 listener = TcpListener(self.relay, sock, route, str(entry["origin"]))
@@ -579,7 +580,7 @@ class Daemon:
         for conn in state["tcp"]:
             TcpConn.adopt(self.relay, conn)
         for entry in state["clients"]:
-            sock = _inherit(int(entry["fd"]))
+            sock = adopt_socket(int(entry["fd"]))
             client = ControlClient(
                 self,
                 sock,
@@ -617,13 +618,6 @@ def ephemeral_port_range() -> tuple[int, int]:
         return int(low), int(high)
     except (OSError, ValueError):
         return 32768, 60999  # the kernel's default
-
-
-def _inherit(fd: int) -> socket.socket:
-    os.set_inheritable(fd, False)
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(False)
-    return sock
 
 
 def _sockname(sock: socket.socket) -> str:

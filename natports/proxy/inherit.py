@@ -22,6 +22,14 @@ HANDOVER_ENV = "NATPORTS_PROXY_HANDOVER"
 SD_LISTEN_FDS_START = 3
 
 
+def adopt_socket(fd: int) -> socket.socket:
+    """A socket passed down to us: ours alone (not inherited further), non-blocking."""
+    os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
+
+
 def systemd_sockets() -> list[socket.socket]:
     """sd_listen_fds(unset_environment=1): the sockets systemd passed to *this* process."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
@@ -31,13 +39,10 @@ def systemd_sockets() -> list[socket.socket]:
         return []
     sockets: list[socket.socket] = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
-        os.set_inheritable(fd, False)
         try:
-            sock = socket.socket(fileno=fd)
+            sockets.append(adopt_socket(fd))
         except OSError:
             continue  # not a socket (a FIFO unit, say): not ours to use
-        sock.setblocking(False)
-        sockets.append(sock)
     return sockets
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..model import Backend, Route, RouteKey, host_text
 from .config import describe_key, route_id
+from .inherit import adopt_socket
 
 log = logging.getLogger("natports.proxy")
 
@@ -492,14 +493,14 @@ class TcpConn:
     @classmethod
     def adopt(cls, relay: Relay, state: dict[str, Any]) -> TcpConn:
         """Take over a connection from the previous process, exactly where it was."""
-        client = _adopt_socket(int(state["client"]))
+        client = adopt_socket(int(state["client"]))
         rid = str(state["route_id"])
         candidates = [Backend.from_json(b) for b in state["candidates"]]
         conn = cls(relay, client, rid, relay.stats_for(rid), candidates)
         if state["upstream"] is None:
             conn.connect_next()
             return conn
-        conn.upstream = _adopt_socket(int(state["upstream"]))
+        conn.upstream = adopt_socket(int(state["upstream"]))
         conn.upstream_fd = conn.upstream.fileno()
         conn.backend = Backend.from_json(state["backend"])
         relay.loop.add(conn.upstream_fd, conn.on_upstream, EDGE)
@@ -515,13 +516,6 @@ class TcpConn:
         relay.loop.ready.append((conn, conn.c2u))
         relay.loop.ready.append((conn, conn.u2c))
         return conn
-
-
-def _adopt_socket(fd: int) -> socket.socket:
-    os.set_inheritable(fd, False)
-    sock = socket.socket(fileno=fd)
-    sock.setblocking(False)
-    return sock
 
 
 # -- listeners ------------------------------------------------------------------------------
@@ -794,7 +788,7 @@ class UdpListener(Listener):
     def adopt_flow(self, state: dict[str, Any], stats: Stats) -> None:
         raw = state["client"]
         client = (str(raw[0]), *(int(v) for v in raw[1:]))
-        sock = _adopt_socket(int(state["fd"]))
+        sock = adopt_socket(int(state["fd"]))
         local = None if state["local"] is None else bytes.fromhex(state["local"])
         flow = UdpFlow(self, client, local, sock, Backend.from_json(state["backend"]), stats)
         flow.last = time.monotonic() - float(state["idle"])
