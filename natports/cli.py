@@ -80,13 +80,7 @@ def main(
     except InputError as exc:
         raise click.UsageError("; ".join(exc.problems)) from None
     ctx.obj = engine.Context(
-        Store(state_dir),
-        dokku_root,
-        config_path,
-        backend_choice=choice,
-        make_backend=select.factory(nft_table, state_dir),
-        resolve_backend=lambda name: select.resolve(name, nft_table, state_dir),
-        nft_table=nft_table,
+        Store(state_dir), dokku_root, config_path, nft_table=nft_table, backend_choice=choice
     )
 
 
@@ -257,7 +251,7 @@ def doctor(ctx: engine.Context, as_json: bool) -> None:
     """What this host offers natports, which backend `auto` picks and why."""
     from . import doctor as probes
 
-    checks, chosen, why, works = probes.run_all(ctx.nft_table, ctx.store.root)
+    checks, chosen, why, works = probes.run_all(ctx.store.root)
     if as_json:
         click.echo(
             json.dumps(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -170,13 +171,12 @@ def check_conntrack() -> Check:
 
 def check_proxy(state_dir: Path) -> Check:
     """A daemon that answers on its control socket (a stale socket file is not one)."""
-    import socket
+    from .proxy.config import socket_path
+    from .proxy.control import request
 
-    sock = state_dir / "proxy.sock"
+    sock = socket_path(state_dir)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(2)
-            conn.connect(str(sock))
+        request(sock, "ping", 2.0)
         return Check("proxy", True, f"a natports proxy answers at {sock}")
     except OSError:
         pass
@@ -188,22 +188,25 @@ def check_proxy(state_dir: Path) -> Check:
     )
 
 
-def choose_backend(table: str, state_dir: Path) -> tuple[str, str]:
-    """(backend, why) for `auto`: nftables, then iptables, then the userspace proxy."""
-    nft = check_nft()
+def choose_backend(nft: Check, iptables: Callable[[], Check]) -> tuple[str, str]:
+    """(backend, why) for `auto`: nftables, then iptables, then the userspace proxy.
+
+    `iptables` is asked only when nft does not work: its probe may run two commands.
+    """
     if nft.ok:
         return "nftables", "nft works"
-    ipt = check_iptables()
+    ipt = iptables()
     if ipt.ok:
         return "iptables", f"{nft.detail}; {ipt.detail}"
     return "proxy", f"{nft.detail}; {ipt.detail}: netfilter cannot be programmed"
 
 
-def run_all(table: str, state_dir: Path) -> tuple[list[Check], str, str, bool]:
+def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:
     """All checks, the backend `auto` picks, why, and whether that backend can work."""
+    nft, ipt = check_nft(), check_iptables()
     checks = [
-        check_nft(),
-        check_iptables(),
+        nft,
+        ipt,
         check_cap_net_admin(),
         check_ip_forward(),
         check_docker(),
@@ -211,7 +214,7 @@ def run_all(table: str, state_dir: Path) -> tuple[list[Check], str, str, bool]:
         check_conntrack(),
         check_proxy(state_dir),
     ]
-    backend, why = choose_backend(table, state_dir)
+    backend, why = choose_backend(nft, lambda: ipt)
     by_name = {c.name: c for c in checks}
     works = backend != "proxy" or by_name["proxy"].ok
     return checks, backend, why, works

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends import select
 from .backends.base import RouteBackend
-from .backends.nftables import NftBackend
 from .backends.proxy import ProxyBackend
 from .conntrack import RETIRED, RETIRED_DOC, forget_udp_flows, removed_udp_backends
 from .containers import AppProblem, Docker, current_containers
@@ -20,15 +20,9 @@ from .desired import build_routes
 from .errors import InputError, NatportsError
 from .listeners import host_listeners
 from .model import Backend, Mapping, Route, is_valid_app_name
-from .policy import Listener, check_conflicts, check_policy, load_policy
+from .policy import check_conflicts, check_policy, load_policy
 from .spec import Located, ParseResult, SpecError, format_errors, parse_bytes
 from .store import Applied, Store
-
-
-def _nftables_only(name: str) -> RouteBackend:
-    if name != "nftables":
-        raise NatportsError(f"backend {name} is not available here")
-    return NftBackend()
 
 
 @dataclass
@@ -36,31 +30,27 @@ class Context:
     store: Store
     dokku_root: Path
     config_path: Path
-    backend_choice: str = "nftables"  # a backend name, or "auto"
-    make_backend: Callable[[str], RouteBackend] = _nftables_only
-    resolve_backend: Callable[[str], str] = lambda name: name
-    docker_factory: Callable[[], Docker] = Docker
-    listeners: Callable[[], list[Listener]] = host_listeners
-    nft_table: str = "natports"
+    nft_table: str  # natports' nft table, and (upper-cased) its iptables chain prefix
+    backend_choice: str  # a backend name, or "auto"
     _docker: Docker | None = None
     _resolved: str | None = None
     _backends: dict[str, RouteBackend] = field(default_factory=dict)
 
     def docker(self) -> Docker:
         if self._docker is None:
-            self._docker = self.docker_factory()
+            self._docker = Docker()
         return self._docker
 
     @property
     def backend(self) -> RouteBackend:
         """The backend new routes go to (resolved once: `auto` probes the host)."""
         if self._resolved is None:
-            self._resolved = self.resolve_backend(self.backend_choice)
+            self._resolved = select.resolve(self.backend_choice)
         return self.backend_named(self._resolved)
 
     def backend_named(self, name: str) -> RouteBackend:
         if name not in self._backends:
-            self._backends[name] = self.make_backend(name)
+            self._backends[name] = select.make(name, self.nft_table, self.store.root)
         return self._backends[name]
 
 
@@ -107,7 +97,7 @@ def claim_checker(ctx: Context, app: str) -> ClaimCheck:
         if rec.backend == ProxyBackend.name
         for r in rec.routes
     }
-    listeners = [lst for lst in ctx.listeners() if (lst.protocol, lst.port) not in proxied]
+    listeners = [lst for lst in host_listeners() if (lst.protocol, lst.port) not in proxied]
 
     def check(located: Sequence[Located]) -> list[SpecError]:
         return check_conflicts(app, located, claims) + check_policy(located, policy, listeners)

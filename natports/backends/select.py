@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import InputError
@@ -38,12 +37,12 @@ def make(name: str, table: str, state_dir: Path) -> RouteBackend:
     raise InputError([f'unknown backend "{name}" (expected auto, {", ".join(NAMES)})'])
 
 
-def resolve(name: str, table: str, state_dir: Path) -> str:
+def resolve(name: str) -> str:
     if name != "auto":
         return name
-    from ..doctor import choose_backend
+    from ..doctor import check_iptables, check_nft, choose_backend
 
-    return choose_backend(table, state_dir)[0]
+    return choose_backend(check_nft(), check_iptables)[0]
 
 
 def configured_default(config_path: Path) -> str | None:
@@ -63,7 +62,3 @@ def configured_default(config_path: Path) -> str | None:
             [f'{config_path}: backend.default "{value}" is not auto or one of {", ".join(NAMES)}']
         )
     return str(value)
-
-
-def factory(table: str, state_dir: Path) -> Callable[[str], RouteBackend]:
-    return lambda name: make(name, table, state_dir)
