@@ -173,12 +173,11 @@ def _previous(ctx: Context, app: str) -> tuple[Route, ...]:
 
 def _elsewhere(ctx: Context, apps: Sequence[str]) -> dict[str, str]:
     """app -> the other backend that still serves it (after a change of backend)."""
-    moved = {}
-    for app in apps:
-        applied = ctx.store.applied(app)
-        if applied is not None and applied.backend != ctx.backend.name:
-            moved[app] = applied.backend
-    return moved
+    return _moved({app: ctx.store.applied(app) for app in apps}, ctx.backend.name)
+
+
+def _moved(records: dict[str, Applied | None], current: str) -> dict[str, str]:
+    return {a: r.backend for a, r in records.items() if r is not None and r.backend != current}
 
 
 def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> None:
@@ -190,27 +189,21 @@ def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> Non
     new backend serves it and the old one's objects are gone (make before break);
     a crash in between repeats both steps at the next apply.
     """
-    moved = _elsewhere(ctx, list(intents))
-    before = {app: (ctx.store.applied(app) or Applied("", ())).routes for app in intents}
+    records = {app: ctx.store.applied(app) for app in intents}
+    moved = _moved(records, ctx.backend.name)
+    before = {app: rec.routes if rec else () for app, rec in records.items()}
     for app, desired in intents.items():
         if app in moved:
             continue
-        merged = {r.key: r for r in _previous(ctx, app)}
+        merged = {r.key: r for r in before[app]}  # not moved: the current backend's routes
         merged.update((r.key, r) for r in desired)
         if merged:
             routes = tuple(sorted(merged.values(), key=Route.sort_key))
             ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
     ctx.backend.run(batch)
     for app, old_name in moved.items():
-        applied = ctx.store.applied(app)
-        ctx.store.set_document(
-            LEFTOVER,
-            app,
-            {
-                "backend": old_name,
-                "routes": [r.to_json() for r in (applied.routes if applied else ())],
-            },
-        )
+        held = [r.to_json() for r in before[app]]
+        ctx.store.set_document(LEFTOVER, app, {"backend": old_name, "routes": held})
     for app, desired in intents.items():
         _record(ctx, app, desired)
     _remove_leftovers(ctx)
