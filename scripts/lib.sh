@@ -1,4 +1,4 @@
-# Shared by scripts/test and scripts/demo: install, venv, dockerd, test image.
+# Shared by the scripts: install, venv, dockerd, test image, the installer's settings.
 # shellcheck shell=bash
 
 NATPORTS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -9,6 +9,21 @@ APT_PACKAGES=(nftables iptables conntrack iproute2 docker.io busybox-static gcc 
 STARTED_DOCKERD_PID=""
 
 log() { printf '==> %s\n' "$*" >&2; }
+
+# The installed layout, for install-dokku-plugin and uninstall-dokku-plugin: NATPORTS_*
+# settings from the environment, else these defaults.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+installed_layout() {
+    PLUGIN_VENV="${NATPORTS_VENV:-/opt/natports/venv}"
+    HELPER="${NATPORTS_HELPER:-/usr/local/sbin/natports-dokku}"
+    SUDOERS="${NATPORTS_SUDOERS:-/etc/sudoers.d/natports}"
+    STATE_DIR="${NATPORTS_STATE_DIR:-/var/lib/natports}"
+    CONFIG="${NATPORTS_CONFIG:-/etc/natports/natports.toml}"
+    DOKKU_HOME="${DOKKU_ROOT:-/home/dokku}"
+    TABLE="${NATPORTS_NFT_TABLE:-natports}"
+    DOKKU_USER="${NATPORTS_DOKKU_USER:-dokku}"
+    UNITS=(natports.service natports-watch.service natports-proxy.service)
+}
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then
