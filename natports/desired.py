@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .containers import AppProblem, ContainerInfo
-from .model import Backend, Mapping, Route, RouteKey
+from .model import Backend, Mapping, Route, RouteKey, loopback_publish
 
 
 def build_routes(
@@ -33,9 +33,8 @@ def build_routes(
                     problems.append(
                         f'app "{app}": container {c.name or c.short_id} does not publish '
                         f"{private}/{mapping.protocol}; natports needs it published on "
-                        f"loopback (-p 127.0.0.1::{private}"
-                        f"{'/udp' if mapping.protocol == 'udp' else ''}) so that Docker "
-                        "accepts the forwarded traffic"
+                        f"loopback (-p {loopback_publish(private, mapping.protocol)}) so "
+                        "that Docker accepts the forwarded traffic"
                     )
         families = _families(mapping, live)
         if not families:

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import engine
 from .errors import InputError, NatportsError
-from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol
+from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, loopback_publish
 from .spec import Located, overlaps
 
 LIVE = "dokku"
@@ -186,7 +186,7 @@ def docker_args(ctx: engine.Context, app: str, process_type: str) -> list[str]:
             ports.update((private, mapping.protocol) for _, private in mapping.ports())
     args: list[str] = []
     for port, proto in sorted(ports):
-        args += ["-p", f"127.0.0.1::{port}{'/udp' if proto is Protocol.UDP else ''}"]
+        args += ["-p", loopback_publish(port, proto)]
     return args
 
 

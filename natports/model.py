@@ -28,6 +28,11 @@ def is_valid_app_name(name: str) -> bool:
     return bool(APP_NAME_RE.fullmatch(name))
 
 
+def loopback_publish(private_port: int, protocol: Protocol) -> str:
+    """Docker's `-p` value that publishes a private port on loopback, as natports needs."""
+    return f"127.0.0.1::{private_port}{'/udp' if protocol is Protocol.UDP else ''}"
+
+
 def host_text(ip: IPAddress) -> str:
     """An address as it stands before `:port`: IPv6 in brackets."""
     return f"[{ip}]" if ip.version == 6 else str(ip)
