@@ -195,8 +195,9 @@ def status(ctx: engine.Context, as_json: bool) -> None:
         return
     if not rows:
         click.echo("no routes")
+        _agent_line(ctx)
         return
-    table = [("APP", "PROCESS", "PUBLIC", "PRIVATE", "BACKENDS", "PACKETS", "BYTES")]
+    table = [("APP", "PROCESS", "PUBLIC", "PRIVATE", "BACKENDS", "PACKETS", "BYTES", "FLOWS")]
     for r in rows:
         ip = r["public_ip"]
         host = "*" if ip is None else host_text(ip_address(str(ip)))
@@ -211,11 +212,41 @@ def status(ctx: engine.Context, as_json: bool) -> None:
                 ",".join(f"{b['container_id'][:12]}@{b['ip']}" for b in backends),
                 "-" if r["packets"] is None else str(r["packets"]),
                 "-" if r["bytes"] is None else str(r["bytes"]),
+                _flows_text(r["flows"]),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    _agent_line(ctx)
+
+
+def _flows_text(flows: object) -> str:
+    """`ip:port=N` per target holding live flows (old containers draining included)."""
+    if not isinstance(flows, list):
+        return "-"
+    parts = [
+        f"{f['ip']}:{f['port']}={int(f['tcp_established']) + int(f['udp'])}"
+        for f in flows
+        if isinstance(f, dict)
+    ]
+    return ",".join(parts) or "-"
+
+
+def _agent_line(ctx: engine.Context) -> None:
+    from .agent import agent_state, routed_listener_conflicts
+    from .listeners import host_listeners
+
+    agent = agent_state(ctx.store.root)
+    if agent is None:
+        click.echo(
+            "agent: not running (routes do not follow container restarts; "
+            "systemctl enable --now natports-watch, or run `natports watch`)"
+        )
+    else:
+        click.echo(f"agent: running (pid {agent['pid']}, Docker {agent['docker']})")
+    for line in routed_listener_conflicts(ctx, host_listeners()):
+        click.echo(f"warning: {line}")
 
 
 @main.command()
@@ -229,18 +260,41 @@ def proxy(ctx: engine.Context) -> None:
 
 
 @main.command()
+@click.option(
+    "--resync",
+    "resync_every",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    help="Seconds between full resyncs of every app.",
+)
+@click.option(
+    "--metrics-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write Prometheus metrics here (for node-exporter's textfile collector).",
+)
+@click.option("--max-seconds", type=float, default=None, hidden=True)
 @click.pass_obj
 @handles_errors
-def watch(ctx: engine.Context) -> None:
-    """Follow Docker's events: when a retired container dies, forget its UDP flows at once."""
-    client = ctx.docker().client
-    with ctx.store.locked():
-        engine.forget_dead_udp(ctx, lambda cid: engine.container_gone(ctx, cid))
-    for event in client.events(decode=True, filters={"type": "container", "event": "die"}):
-        dead: str = str(event.get("id", ""))
-        with ctx.store.locked():
-            for backend in engine.forget_dead_udp(ctx, dead.__eq__):
-                click.echo(f"natports: forgot UDP flows to {backend.ip}:{backend.port}", err=True)
+def watch(
+    ctx: engine.Context, resync_every: float, metrics_file: Path | None, max_seconds: float | None
+) -> None:
+    """Run the agent: keep the kernel equal to Docker's truth (events, drift, resyncs)."""
+    from .agent import Agent
+
+    Agent(ctx, resync_every=resync_every, metrics_file=metrics_file).run(max_seconds)
+
+
+@main.command()
+@click.pass_obj
+@handles_errors
+def metrics(ctx: engine.Context) -> None:
+    """Print Prometheus metrics: routes, live flows, the agent's counters."""
+    from .agent import agent_state
+    from .metrics import render
+
+    click.echo(render(ctx, agent_state(ctx.store.root)), nl=False)
 
 
 @main.command()

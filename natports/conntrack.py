@@ -1,28 +1,62 @@
-"""UDP flows of removed backends, in the kernel's conntrack table.
+"""Flows in the kernel's conntrack table: which to forget, and how many each backend holds.
 
-A UDP "flow" is only a conntrack entry: it stays pinned to the container it was
-DNATed to for as long as the client keeps sending. While that container lives
-this is what we want (the same promise as TCP). Once it is gone the entry must
-go too, or the client is blackholed until it falls silent. So a switch records
-the UDP backends it removed, and they are forgotten (their conntrack entries
-deleted) when their container dies: at once with `natports watch` (Docker's
-events), else at the next apply. TCP entries are never touched: established TCP
-flows end where they started.
+A UDP "flow" is only a conntrack entry. While the container it was DNATed to
+lives, it stays there (the same promise as for TCP). Three kinds of entries for a
+routed public UDP port must go, or a client that keeps sending is blackholed,
+because every packet refreshes its entry:
+  - entries NATed to a container that died (its address may even be reused);
+  - un-NATed entries to the host itself, made while the port had no route
+    (deploy in progress, app down) or while the proxy backend terminated it;
+  - entries NATed to an address that is not a live backend of the route.
+kube-proxy and the CNI portmap plugin do the same when a service's endpoints
+change from none to some. TCP entries are never deleted: established TCP flows
+end where they started.
 
-This uses the `conntrack` tool (conntrack-tools, already a dependency) rather than
-a netlink library: one delete filter per backend is all natports needs.
+The pure part decides (`stale_udp`, `count_flows`); `Conntrack` talks netlink
+through pyroute2: one dump per protocol and family, one delete per stale entry,
+in-process (no `conntrack` process per entry; a dump of a few thousand entries
+takes milliseconds).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import socket
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
 
-from .model import Backend, Protocol, Route
+from .errors import NatportsError
+from .model import Backend, IPAddress, Protocol, Route
 
 RETIRED = "conntrack"  # store document kind
 RETIRED_DOC = "udp-retired"
+
+_IPPROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
+_TCP_ESTABLISHED = "ESTABLISHED"
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One conntrack entry, as natports needs it."""
+
+    family: int  # 4 or 6
+    protocol: Protocol
+    client: IPAddress  # original source
+    client_port: int
+    public: IPAddress  # original destination (the host's address for a routed flow)
+    public_port: int
+    target: IPAddress  # where replies come from: the backend, or `public` when un-NATed
+    target_port: int
+    tcp_state: str | None = None  # "ESTABLISHED", "TIME_WAIT"...; None for UDP
+
+    @property
+    def natted(self) -> bool:
+        return (self.target, self.target_port) != (self.public, self.public_port)
+
+    @property
+    def established(self) -> bool:
+        return self.protocol is Protocol.UDP or self.tcp_state == _TCP_ESTABLISHED
 
 
 def removed_udp_backends(previous: Sequence[Route], desired: Sequence[Route]) -> set[Backend]:
@@ -34,28 +68,176 @@ def removed_udp_backends(previous: Sequence[Route], desired: Sequence[Route]) ->
     return udp(previous) - udp(desired)
 
 
-def forget_udp_flows(backend: Backend) -> bool:
-    """Delete the conntrack entries of UDP flows DNATed to this backend."""
-    binary = shutil.which("conntrack")
-    if binary is None:
+def changed_udp_routes(previous: Sequence[Route], desired: Sequence[Route]) -> list[Route]:
+    """UDP routes that are new or whose backends changed: their stale entries must go."""
+    before = {r.key: set(r.backends) for r in previous}
+    return [
+        r
+        for r in desired
+        if r.key.protocol is Protocol.UDP and before.get(r.key) != set(r.backends)
+    ]
+
+
+def _is_for(flow: Flow, route: Route, local: frozenset[IPAddress]) -> bool:
+    """Was this flow addressed to the route's public side (and not, say, sent out by a
+    container to some remote server's port of the same number)?"""
+    key = route.key
+    if flow.protocol is not key.protocol or flow.public_port != key.public_port:
         return False
-    family = f"ipv{backend.ip.version}"
-    proc = subprocess.run(
-        [
-            binary,
-            "-D",
-            "-f",
-            family,
-            "-p",
-            "udp",
-            "--reply-src",
-            str(backend.ip),
-            "--reply-port-src",
-            str(backend.port),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    if flow.family != key.family:
+        return False
+    if key.public_ip is not None:
+        return flow.public == key.public_ip
+    return flow.public in local
+
+
+def stale_udp(
+    flows: Iterable[Flow],
+    route: Route,
+    keep: Iterable[tuple[IPAddress, int]],
+    local: frozenset[IPAddress],
+    unnatted_too: bool = True,
+) -> list[Flow]:
+    """Entries of a UDP route to delete: everything for its public side that is not
+    NATed to one of `keep` (the route's backends and old backends that still live).
+
+    `unnatted_too` False keeps entries that end on the host itself: the proxy backend
+    terminates its clients' flows there.
+    """
+    kept = set(keep) | {(b.ip, b.port) for b in route.backends}
+    return [
+        f
+        for f in flows
+        if _is_for(f, route, local)
+        and (((f.target, f.target_port) not in kept) if f.natted else unnatted_too)
+    ]
+
+
+def dead_backend_flows(flows: Iterable[Flow], backends: Iterable[Backend]) -> list[Flow]:
+    """UDP entries NATed to backends whose container is gone."""
+    gone = {(b.ip, b.port) for b in backends}
+    return [
+        f
+        for f in flows
+        if f.protocol is Protocol.UDP and f.natted and (f.target, f.target_port) in gone
+    ]
+
+
+@dataclass(frozen=True)
+class FlowCount:
+    ip: IPAddress
+    port: int
+    tcp_established: int
+    udp: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ip": str(self.ip),
+            "port": self.port,
+            "tcp_established": self.tcp_established,
+            "udp": self.udp,
+        }
+
+
+def count_flows(
+    flows: Iterable[Flow], route: Route, local: frozenset[IPAddress]
+) -> list[FlowCount]:
+    """Live NATed flows of a route per target (current and old backends alike), so an
+    operator sees the old container's flows drain after a deploy."""
+    counts: dict[tuple[IPAddress, int], list[int]] = {}
+    for b in route.backends:
+        counts.setdefault((b.ip, b.port), [0, 0])
+    for f in flows:
+        if not (_is_for(f, route, local) and f.natted and f.established):
+            continue
+        slot = counts.setdefault((f.target, f.target_port), [0, 0])
+        slot[0 if f.protocol is Protocol.TCP else 1] += 1
+    ordered = sorted(counts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
+    return [FlowCount(ip, port, tcp, udp) for (ip, port), (tcp, udp) in ordered]
+
+
+class Conntrack:
+    """The netlink edge (pyroute2). Opened per use; never touches TCP entries on delete."""
+
+    def flows(self, protocol: Protocol, family: int) -> list[Flow]:
+        from pyroute2 import Conntrack as NlConntrack
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        try:
+            ct = NlConntrack(nfgen_family=af)
+        except OSError as exc:
+            raise NatportsError(f"conntrack netlink: {exc}", "natports needs root") from None
+        try:
+            wanted = NFCTAttrTuple(family=af, proto=_IPPROTO[protocol])
+            return [
+                flow
+                for entry in ct.dump_entries(tuple_orig=wanted)
+                if (flow := _flow(entry, family, protocol)) is not None
+            ]
+        except OSError as exc:
+            raise NatportsError(f"conntrack dump failed: {exc}") from None
+        finally:
+            ct.close()
+
+    def delete(self, flows: Sequence[Flow]) -> int:
+        """Delete UDP entries; an entry already gone is not an error. Returns how many went."""
+        from pyroute2 import Conntrack as NlConntrack
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        deleted = 0
+        for family in (4, 6):
+            mine = [f for f in flows if f.family == family and f.protocol is Protocol.UDP]
+            if not mine:
+                continue
+            af = socket.AF_INET if family == 4 else socket.AF_INET6
+            ct = NlConntrack(nfgen_family=af)
+            try:
+                for f in mine:
+                    orig = NFCTAttrTuple(
+                        family=af,
+                        saddr=str(f.client),
+                        daddr=str(f.public),
+                        proto=socket.IPPROTO_UDP,
+                        sport=f.client_port,
+                        dport=f.public_port,
+                    )
+                    try:
+                        ct.entry("del", tuple_orig=orig)
+                        deleted += 1
+                    except NetlinkError as exc:
+                        if exc.code != 2:  # ENOENT: it idled out meanwhile
+                            raise NatportsError(f"conntrack delete failed: {exc}") from None
+            finally:
+                ct.close()
+        return deleted
+
+
+def _flow(entry: Any, family: int, protocol: Protocol) -> Flow | None:
+    orig, reply = entry.tuple_orig, entry.tuple_reply
+    if orig.sport is None or orig.dport is None or reply.sport is None:
+        return None
+    state = None
+    if protocol is Protocol.TCP and entry.protoinfo is not None:
+        state = str(entry.protoinfo.state_name())
+    return Flow(
+        family=family,
+        protocol=protocol,
+        client=ip_address(orig.saddr),
+        client_port=int(orig.sport),
+        public=ip_address(orig.daddr),
+        public_port=int(orig.dport),
+        target=ip_address(reply.saddr),
+        target_port=int(reply.sport),
+        tcp_state=state,
     )
-    # conntrack exits 1 when nothing matched: that is fine, the flows are gone either way.
-    return proc.returncode in (0, 1)
+
+
+def local_addresses() -> frozenset[IPAddress]:
+    """Every address of the host's interfaces: a routed flow was sent to one of them."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = {ip_address(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+    return frozenset(found)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NatportsError
+from .liveness import Seen
 from .model import Protocol
 
 LABEL_APP = "com.dokku.app-name"
@@ -47,10 +48,17 @@ class ContainerInfo:
     published: frozenset[tuple[int, Protocol]]  # private ports that have a host binding
     created: str
     image: str
+    app: str | None = None  # the com.dokku.app-name label
+    pid: int = 0  # the container's init process on the host, 0 when not running
+    started_at: str = ""
 
     @property
     def short_id(self) -> str:
         return self.id[:12]
+
+    def seen(self) -> Seen:
+        addresses = frozenset(a for a in (self.ipv4, self.ipv6) if a is not None)
+        return Seen(self.id, self.running, self.app, self.process_type, addresses)
 
 
 def parse_inspect(data: dict[str, Any]) -> ContainerInfo:
@@ -89,6 +97,9 @@ def parse_inspect(data: dict[str, Any]) -> ContainerInfo:
         published=frozenset(published),
         created=str(data.get("Created", "")),
         image=str(data.get("Image", "")),
+        app=labels.get(LABEL_APP),
+        pid=int(state.get("Pid") or 0),
+        started_at=str(state.get("StartedAt", "")),
     )
 
 
@@ -134,6 +145,16 @@ class Docker:
         except self._failures as exc:
             raise NatportsError(f"Docker failed to inspect {ref}: {_first_line(exc)}") from None
         return parse_inspect(data)
+
+    def observe(self, ids: Iterable[str]) -> dict[str, ContainerInfo | None]:
+        """Each container as it is now; None for one that no longer exists."""
+        found: dict[str, ContainerInfo | None] = {}
+        for cid in sorted(set(ids)):
+            try:
+                found[cid] = self.inspect(cid)
+            except AppProblem:
+                found[cid] = None
+        return found
 
     def labelled(self, app: str, process_type: str) -> list[ContainerInfo]:
         try:

@@ -188,6 +188,42 @@ def check_proxy(state_dir: Path) -> Check:
     )
 
 
+def check_agent(state_dir: Path) -> Check:
+    """Is `natports watch` alive (a fresh heartbeat from a live process)?"""
+    from .agent import agent_state
+
+    agent = agent_state(state_dir)
+    if agent is None:
+        return Check(
+            "agent",
+            False,
+            "natports watch is not running: routes do not follow container restarts, "
+            "dockerd restarts or a flushed ruleset",
+            "systemctl enable --now natports-watch (or run `natports watch`)",
+        )
+    detail = f"natports watch runs (pid {agent['pid']}, Docker {agent['docker']})"
+    return Check("agent", True, detail)
+
+
+def check_listeners(state_dir: Path) -> Check:
+    """Host processes that started listening on a port natports routes."""
+    from .agent import routed_listener_conflicts
+    from .engine import Context
+    from .listeners import host_listeners
+    from .store import Store
+
+    ctx = Context(Store(state_dir), Path("/"), Path("/"), "natports", backend_choice="auto")
+    try:
+        conflicts = routed_listener_conflicts(ctx, host_listeners())
+    except Exception as exc:  # a corrupt state file is reported by other commands
+        return Check("listeners", False, f"cannot compare: {exc}")
+    if conflicts:
+        return Check(
+            "listeners", False, "; ".join(conflicts), "stop the host process or unmap the port"
+        )
+    return Check("listeners", True, "no host process listens on a routed port")
+
+
 def choose_backend(nft: Check, iptables: Callable[[], Check]) -> tuple[str, str]:
     """(backend, why) for `auto`: nftables, then iptables, then the userspace proxy.
 
@@ -213,6 +249,8 @@ def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:
         check_docker_forward(),
         check_conntrack(),
         check_proxy(state_dir),
+        check_agent(state_dir),
+        check_listeners(state_dir),
     ]
     backend, why = choose_backend(nft, lambda: ipt)
     by_name = {c.name: c for c in checks}

@@ -14,12 +14,25 @@ from pathlib import Path
 from .backends import select
 from .backends.base import RouteBackend
 from .backends.proxy import ProxyBackend
-from .conntrack import RETIRED, RETIRED_DOC, forget_udp_flows, removed_udp_backends
-from .containers import AppProblem, Docker, current_containers
+from .conntrack import (
+    RETIRED,
+    RETIRED_DOC,
+    Conntrack,
+    Flow,
+    FlowCount,
+    changed_udp_routes,
+    count_flows,
+    dead_backend_flows,
+    local_addresses,
+    removed_udp_backends,
+    stale_udp,
+)
+from .containers import AppProblem, ContainerInfo, Docker, current_containers
 from .desired import build_routes
 from .errors import InputError, NatportsError
 from .listeners import host_listeners
-from .model import Backend, Mapping, Route, is_valid_app_name
+from .liveness import verified, without_containers
+from .model import Backend, IPAddress, Mapping, Protocol, Route, is_valid_app_name
 from .policy import check_conflicts, check_policy, load_policy
 from .spec import Located, ParseResult, SpecError, format_errors, parse_bytes
 from .store import Applied, Store
@@ -35,11 +48,19 @@ class Context:
     _docker: Docker | None = None
     _resolved: str | None = None
     _backends: dict[str, RouteBackend] = field(default_factory=dict)
+    conntrack: Conntrack = field(default_factory=Conntrack)
+    # Containers inspected by the last applies: the agent checks their pids in /proc
+    # while Docker cannot be asked.
+    inspected: dict[str, ContainerInfo] = field(default_factory=dict)
 
     def docker(self) -> Docker:
         if self._docker is None:
             self._docker = Docker()
         return self._docker
+
+    def forget_docker(self) -> None:
+        """Docker went away: reconnect on next use."""
+        self._docker = None
 
     @property
     def backend(self) -> RouteBackend:
@@ -151,7 +172,7 @@ def apply(
     with ctx.store.locked():
         if app is not None:
             return apply_app_unlocked(ctx, app, containers, dry_run)
-        return _apply_all(ctx, dry_run)
+        return apply_all_unlocked(ctx, dry_run)
 
 
 def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Route, ...]:
@@ -160,7 +181,22 @@ def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Rou
         return ()
     procs = {m.process_type for m in mappings}
     found = current_containers(ctx.docker(), ctx.dokku_root, app, procs, containers)
+    for infos in found.values():
+        ctx.inspected.update((c.id, c) for c in infos)
     return build_routes(app, mappings, found)
+
+
+def _observe(ctx: Context, routes: Sequence[Route]) -> dict[str, ContainerInfo | None]:
+    seen = ctx.docker().observe({b.container_id for r in routes for b in r.backends})
+    ctx.inspected.update((cid, c) for cid, c in seen.items() if c is not None)
+    return seen
+
+
+def _still_serving(ctx: Context, routes: Sequence[Route]) -> tuple[Route, ...]:
+    """`routes` minus every backend whose container stopped, vanished or lost the address."""
+    seen = _observe(ctx, routes)
+    kept, _ = verified(routes, {cid: c.seen() if c else None for cid, c in seen.items()})
+    return kept
 
 
 def _previous(ctx: Context, app: str) -> tuple[Route, ...]:
@@ -261,11 +297,12 @@ def forget_dead_udp(ctx: Context, is_gone: Callable[[str], bool]) -> list[Backen
     kept: list[Backend] = []
     forgotten: list[Backend] = []
     for backend in retired_udp(ctx):
-        if is_gone(backend.container_id) and forget_udp_flows(backend):
+        if is_gone(backend.container_id):
             forgotten.append(backend)
         else:
             kept.append(backend)
     if forgotten:
+        _forget_flows_of(ctx, set(forgotten))
         if kept:
             ctx.store.set_document(RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in kept]})
         else:
@@ -292,18 +329,128 @@ def apply_app_unlocked(
 ) -> ApplyReport:
     """Route one app; the caller holds the store's lock."""
     require_app_name(app)
-    desired = _desired_for(ctx, app, containers)
     previous = _previous(ctx, app)
+    try:
+        desired = _desired_for(ctx, app, containers)
+    except AppProblem:
+        # The app keeps its previous routes, but only to containers that still serve.
+        if not dry_run and previous:
+            kept = _still_serving(ctx, previous)
+            if kept != previous:
+                _switch(ctx, {app: (previous, kept)}, ctx.backend.plan_app(previous, kept))
+        raise
     if not desired and not previous and not _elsewhere(ctx, [app]):
         return ApplyReport("", (), {})  # nothing to route and nothing to remove
     batch = ctx.backend.plan_app(previous, desired)
     if not dry_run:
-        _run(ctx, batch, {app: desired})
-        forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
+        _switch(ctx, {app: (previous, desired)}, batch)
     return ApplyReport(batch, (app,) if desired else (), {})
 
 
-def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
+def _switch(
+    ctx: Context, changes: dict[str, tuple[tuple[Route, ...], tuple[Route, ...]]], batch: str
+) -> None:
+    """Run the batch, then the conntrack work that follows from it."""
+    _run(ctx, batch, {app: desired for app, (_, desired) in changes.items()})
+    previous = [r for before, _ in changes.values() for r in before]
+    desired = [r for _, after in changes.values() for r in after]
+    _clean_udp(ctx, previous, desired)
+    forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
+
+
+def _clean_udp(ctx: Context, previous: Sequence[Route], desired: Sequence[Route]) -> None:
+    """Delete the conntrack entries that would keep clients of a new or changed UDP route
+    away from its backends (see natports.conntrack). A failure here is reported, not
+    fatal: the kernel already holds the new routes."""
+    changed = changed_udp_routes(previous, desired)
+    if not changed:
+        return
+    try:
+        keep = _live_retired(ctx)
+        local = local_addresses()
+        families = {r.key.family for r in changed}
+        flows = [f for fam in sorted(families) for f in ctx.conntrack.flows(Protocol.UDP, fam)]
+        stale = []
+        for route in changed:
+            unnatted_too = ctx.backend.name != ProxyBackend.name
+            stale += stale_udp(flows, route, keep, local, unnatted_too)
+        ctx.conntrack.delete(stale)
+    except NatportsError as exc:
+        print(f"natports: warning: UDP flows not cleaned: {exc.message}", file=sys.stderr)
+
+
+def _live_retired(ctx: Context) -> set[tuple[IPAddress, int]]:
+    """(address, port) of retired UDP backends whose container still runs there: their
+    flows stay where they started."""
+    retired = retired_udp(ctx)
+    if not retired:
+        return set()
+    seen = ctx.docker().observe({b.container_id for b in retired})
+    live = set()
+    for b in retired:
+        c = seen.get(b.container_id)
+        if c is not None and c.running and b.ip in (c.ipv4, c.ipv6):
+            live.add((b.ip, b.port))
+    return live
+
+
+def withdraw(ctx: Context, dead: set[str]) -> list[str]:
+    """Containers died: remove them as backends at once, from whatever backend serves
+    their apps, without asking Docker. The caller holds the lock. Returns the apps changed.
+    """
+    changed: list[str] = []
+    gone: set[Backend] = set()
+    for app in ctx.store.applied_apps():
+        record = ctx.store.applied(app)
+        if record is None:
+            continue
+        kept, dropped = without_containers(record.routes, dead)
+        if not dropped:
+            continue
+        backend = ctx.backend_named(record.backend)
+        backend.run(backend.plan_app(record.routes, kept))
+        if kept:
+            ctx.store.set_applied(app, Applied(record.backend, kept))
+        else:
+            ctx.store.remove_applied(app)
+        gone |= dropped
+        changed.append(app)
+    if gone:
+        _forget_flows_of(ctx, gone)
+    return changed
+
+
+def _forget_flows_of(ctx: Context, backends: set[Backend]) -> None:
+    try:
+        flows = [
+            f
+            for fam in sorted({b.ip.version for b in backends})
+            for f in ctx.conntrack.flows(Protocol.UDP, fam)
+        ]
+        ctx.conntrack.delete(dead_backend_flows(flows, backends))
+    except NatportsError as exc:
+        print(f"natports: warning: UDP flows not cleaned: {exc.message}", file=sys.stderr)
+
+
+def repair(ctx: Context) -> list[str]:
+    """Put back what each backend should hold, if something removed it (`nft flush
+    ruleset`, a firewall reload). Reads only natports' state; the caller holds the lock.
+    Returns the backends repaired."""
+    by_backend: dict[str, list[Route]] = {}
+    for app in ctx.store.applied_apps():
+        record = ctx.store.applied(app)
+        if record is not None:
+            by_backend.setdefault(record.backend, []).extend(record.routes)
+    repaired = []
+    for name, routes in sorted(by_backend.items()):
+        backend = ctx.backend_named(name)
+        if not backend.intact():
+            backend.run(backend.plan_reconcile(routes))
+            repaired.append(name)
+    return repaired
+
+
+def apply_all_unlocked(ctx: Context, dry_run: bool = False) -> ApplyReport:
     configured = ctx.store.apps()
     desired: dict[str, tuple[Route, ...]] = {}
     failed: dict[str, str] = {}
@@ -312,7 +459,8 @@ def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
             desired[app] = _desired_for(ctx, app, ())
         except AppProblem as exc:
             failed[app] = exc.message
-            desired[app] = _previous(ctx, app)  # a broken app keeps what it had
+            # A broken app keeps what it had, to containers that still serve it.
+            desired[app] = _still_serving(ctx, _previous(ctx, app))
     # A broken app's kept routes yield to healthy apps' routes on the same key.
     healthy = {r.key for a, routes in desired.items() if a not in failed for r in routes}
     for app in failed:
@@ -330,7 +478,9 @@ def _apply_all(ctx: Context, dry_run: bool) -> ApplyReport:
         intents = {a: r for a, r in desired.items() if not (a in failed and a in moved)}
         for app in set(ctx.store.applied_apps()) - set(configured):
             intents[app] = ()
+        before = [r for a in intents for r in _previous(ctx, a)]
         _run(ctx, batch, intents)
+        _clean_udp(ctx, before, [r for routes in intents.values() for r in routes])
         forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
     applied = tuple(a for a in configured if a not in failed and desired[a])
     return ApplyReport(batch, applied, failed)
@@ -390,6 +540,7 @@ def status(ctx: Context) -> list[dict[str, object]]:
                 counters[name] = {}
         return counters[name]
 
+    flows = FlowReader(ctx)
     rows: list[dict[str, object]] = []
     for app in ctx.store.applied_apps():
         applied = ctx.store.applied(app)
@@ -397,6 +548,7 @@ def status(ctx: Context) -> list[dict[str, object]]:
             continue
         backend = ctx.backend_named(applied.backend)
         for route in applied.routes:
+            counts = flows.of(route) if applied.backend != ProxyBackend.name else None
             found = counters_of(applied.backend).get(backend.route_id(route))
             packets, nbytes = found if found else (None, None)
             rows.append(
@@ -412,6 +564,33 @@ def status(ctx: Context) -> list[dict[str, object]]:
                     "backend": applied.backend,
                     "packets": packets,
                     "bytes": nbytes,
+                    "flows": None if counts is None else [c.to_json() for c in counts],
                 }
             )
     return rows
+
+
+class FlowReader:
+    """Live flows per route from conntrack: one dump per protocol and family, read once.
+
+    None for a route when conntrack cannot be read (not root)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._dumps: dict[tuple[Protocol, int], list[Flow]] = {}
+        self._local: frozenset[IPAddress] | None = None
+        self._broken = False
+
+    def of(self, route: Route) -> list[FlowCount] | None:
+        if self._broken:
+            return None
+        key = (route.key.protocol, route.key.family)
+        try:
+            if self._local is None:
+                self._local = local_addresses()
+            if key not in self._dumps:
+                self._dumps[key] = self.ctx.conntrack.flows(*key)
+        except (NatportsError, OSError):
+            self._broken = True
+            return None
+        return count_flows(self._dumps[key], route, self._local)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import Cli, ClientNet, Containers, delete_natports_table
+from tests.infra import Cli, ClientNet, Containers, delete_iptables_chains, delete_natports_table
 
 
 @pytest.fixture
@@ -22,6 +22,7 @@ def clean_kernel() -> Iterator[None]:
     delete_natports_table()
     yield
     delete_natports_table()
+    delete_iptables_chains()
 
 
 @pytest.fixture(scope="session")

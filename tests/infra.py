@@ -35,6 +35,15 @@ def delete_natports_table() -> None:
     sh("nft", "delete", "table", *TABLE, check=False)
 
 
+def delete_iptables_chains(prefix: str = NFT_TABLE.upper()) -> None:
+    """The e2e suite's iptables chains (both variants), also after a test that failed."""
+    from natports.backends.iptables import IptablesBackend
+
+    for variant in ("nft", "legacy"):
+        backend = IptablesBackend(variant, prefix=prefix)
+        backend.run(backend.plan_flush_all())
+
+
 @dataclass
 class ClientNet:
     """A network namespace joined to the host by a veth pair.

@@ -28,6 +28,11 @@ class RouteBackend(Protocol):
         """Remove everything this backend holds."""
         ...
 
+    def intact(self) -> bool:
+        """One cheap read: is this backend's skeleton still in place? False after a
+        `nft flush ruleset` or a firewall reload removed it (the agent then repairs)."""
+        ...
+
     def run(self, batch: str) -> None:
         """Apply a batch atomically: all of it or none of it."""
         ...

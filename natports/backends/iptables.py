@@ -76,6 +76,14 @@ class IptablesBackend:
         if fixes:
             self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], fixes)
 
+    def intact(self) -> bool:
+        """Our hook chains exist and each built-in chain jumps into them."""
+        live = self.live()
+        return all(
+            ours in live.chains and live.jumps(builtin, ours)
+            for builtin, ours in self.layout.hooks()
+        )
+
     def live(self) -> LiveNat:
         """Our chains and the rules touching them, with counters."""
         return ipt_render.parse_save(self._run("save", ["-c", "-t", "nat"]), self.layout)

@@ -40,6 +40,11 @@ class NftBackend:
         """One atomic transaction: the kernel applies all of it or none of it."""
         self._nft(["-f", "-"], batch)
 
+    def intact(self) -> bool:
+        """The prerouting hook still jumps into dispatch (one small chain listed)."""
+        out = self._nft(["list", "chain", *self.table.split(), "prerouting"], missing_ok=True)
+        return out is not None and "jump dispatch" in out
+
     def live(self) -> LiveTable | None:
         out = self._nft(["-j", "list", "table", *self.table.split()], missing_ok=True)
         if out is None:

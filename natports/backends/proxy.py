@@ -56,6 +56,11 @@ class ProxyBackend:
 
     # -- effects -----------------------------------------------------------------------------
 
+    def intact(self) -> bool:
+        """The daemon's config file is natports' own; nothing else removes it. A dead
+        daemon is systemd's to restart (and `doctor` reports it)."""
+        return self.config_path.exists()
+
     def run(self, batch: str) -> None:
         """Write the config, reload, and wait until the daemon says it is live."""
         try:

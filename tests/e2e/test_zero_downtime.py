@@ -199,8 +199,8 @@ def test_udp_flow_stays_while_its_container_lives_and_moves_when_it_dies(
         answers = [flow.ask(f"d{i}") for i in range(10)]
         assert next(a for a in answers if a).startswith("v2 d"), answers
     finally:
-        watcher.kill()
-        watcher.wait()
+        watcher.terminate()
+        watcher.wait(10)
         if watcher.stderr:
             watcher.stderr.close()
         flow.close()

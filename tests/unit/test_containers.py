@@ -111,6 +111,9 @@ def test_a_running_web_container_on_the_default_bridge() -> None:
         published=frozenset({(5025, TCP)}),
         created="2024-05-01T10:00:00.123456789Z",
         image=IMAGE,
+        app="mail",
+        pid=41231,
+        started_at="2024-05-01T10:00:01.5Z",
     )
 
 
