@@ -40,13 +40,25 @@ class PortRange:
         return cls(start, end, None if proto is None else Protocol(proto))
 
 
+# The services every Dokku host runs: SSH (git push), and nginx on 80/443 (ACME
+# challenges included). Reserved even while nginx is down, when no listener shows it:
+# once routed at priority -110, natports would win over nginx for good.
+RESERVED = (PortRange(22, 22), PortRange(80, 80), PortRange(443, 443))
+
+
 @dataclass(frozen=True)
 class Policy:
-    """The operator's limits. The defaults protect SSH and every port a host process serves."""
+    """The operator's limits. The defaults protect SSH, HTTP(S) and every port a host
+    process serves."""
 
-    deny: tuple[PortRange, ...] = (PortRange(22, 22),)
+    deny: tuple[PortRange, ...] = ()  # the operator's own list, on top of `reserved`
     allow: tuple[PortRange, ...] | None = None  # None: any port not denied
     allow_listening: tuple[PortRange, ...] = field(default=())
+    reserved: tuple[PortRange, ...] = RESERVED  # the operator may narrow it (no nginx)
+
+    @property
+    def refused(self) -> tuple[PortRange, ...]:
+        return self.reserved + self.deny
 
 
 @dataclass(frozen=True)
@@ -98,18 +110,20 @@ def load_policy(path: Path) -> Policy:
                 problems.append(f"{path}: policy.{key}: {exc}")
         return tuple(parsed)
 
-    unknown = sorted(set(section) - {"deny", "allow", "allow_listening"})
+    unknown = sorted(set(section) - {"deny", "allow", "allow_listening", "reserved"})
     for key in unknown:
         problems.append(f"{path}: policy.{key} is not a known setting")
     deny = ranges("deny")
     allow = ranges("allow")
     allow_listening = ranges("allow_listening")
+    reserved = ranges("reserved")
     if problems:
         raise InputError(problems)
     return Policy(
-        deny=Policy.deny if deny is None else deny,
+        deny=deny or (),
         allow=allow,
         allow_listening=allow_listening or (),
+        reserved=RESERVED if reserved is None else reserved,
     )
 
 
@@ -151,7 +165,7 @@ def check_policy(
 def _policy_problem(mapping: Mapping, policy: Policy, listeners: list[Listener]) -> str | None:
     proto = mapping.protocol
     for public, _ in mapping.ports():
-        if any(r.covers(proto, public) for r in policy.deny):
+        if any(r.covers(proto, public) for r in policy.refused):
             return f"port {public}/{proto} is reserved by the host policy"
         if policy.allow is not None and not any(r.covers(proto, public) for r in policy.allow):
             return f"port {public}/{proto} is not in the host policy's allowed ports"

@@ -102,7 +102,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_missing_file_means_the_defaults(tmp_path: Path) -> None:
     policy = load_policy(tmp_path / "nope.toml")
     assert policy == Policy()
-    assert policy.deny == (PortRange(22, 22),)
+    assert policy.deny == ()
+    assert policy.reserved == (PortRange(22, 22), PortRange(80, 80), PortRange(443, 443))
     assert policy.allow is None
     assert policy.allow_listening == ()
 
@@ -116,12 +117,11 @@ def test_a_file_without_a_policy_section_means_the_defaults(tmp_path: Path) -> N
 def test_allow_list(tmp_path: Path) -> None:
     path = write(tmp_path, '[policy]\nallow = ["25", "587/tcp", "10000-10100/udp"]\n')
     assert load_policy(path) == Policy(
-        deny=(PortRange(22, 22),),
         allow=(PortRange(25, 25), PortRange(587, 587, TCP), PortRange(10000, 10100, UDP)),
     )
 
 
-def test_deny_replaces_the_default_and_integers_are_fine(tmp_path: Path) -> None:
+def test_deny_adds_to_the_reserved_ports_and_integers_are_fine(tmp_path: Path) -> None:
     path = write(tmp_path, '[policy]\ndeny = [22, 2222, "6000-6010/tcp"]\n')
     assert load_policy(path).deny == (
         PortRange(22, 22),
@@ -129,6 +129,27 @@ def test_deny_replaces_the_default_and_integers_are_fine(tmp_path: Path) -> None
         PortRange(6000, 6010, TCP),
     )
     assert load_policy(write(tmp_path, "[policy]\ndeny = []\n")).deny == ()
+    policy = load_policy(write(tmp_path, "[policy]\ndeny = [2222]\n"))
+    assert [e.message for e in check_policy(located("2222:1\n80:8080\n25:25"), policy, [])] == [
+        "port 2222/tcp is reserved by the host policy",
+        "port 80/tcp is reserved by the host policy",
+    ]
+
+
+def test_reserved_ports_can_be_narrowed_by_the_operator(tmp_path: Path) -> None:
+    """A host without nginx may give 80 and 443 to an app (e.g. a TLS-passthrough proxy)."""
+    policy = load_policy(write(tmp_path, '[policy]\nreserved = ["22"]\n'))
+    assert policy.reserved == (PortRange(22, 22),)
+    assert check_policy(located("80:8080\n443:8443"), policy, []) == []
+    assert check_policy(located("22:2222"), policy, []) != []
+
+
+def test_80_and_443_are_refused_by_default_even_without_a_listener() -> None:
+    """nginx may be down when a deployer claims them; natports must not win over it later."""
+    assert [e.message for e in check_policy(located("80:8080\n443:8443/udp"), Policy(), [])] == [
+        "port 80/tcp is reserved by the host policy",
+        "port 443/udp is reserved by the host policy",
+    ]
 
 
 def test_allow_listening(tmp_path: Path) -> None:
@@ -275,6 +296,9 @@ def test_conflict_error_text() -> None:
     ]
 
 
+OPEN = Policy(reserved=())  # listener tests use 80 without the reservation
+
+
 # -- check_policy -----------------------------------------------------------------------------
 
 
@@ -322,7 +346,7 @@ def test_deny_wins_over_allow() -> None:
 
 
 def test_a_listener_on_all_addresses_shadows() -> None:
-    assert check_policy(located("80:8080"), Policy(), [listener("0.0.0.0", 80)]) == [
+    assert check_policy(located("80:8080"), OPEN, [listener("0.0.0.0", 80)]) == [
         SpecError(
             1,
             1,
@@ -331,7 +355,7 @@ def test_a_listener_on_all_addresses_shadows() -> None:
         )
     ]
     mapping = located("203.0.113.7:80:8080")
-    assert [e.message for e in check_policy(mapping, Policy(), [listener("::", 80)])] == [
+    assert [e.message for e in check_policy(mapping, OPEN, [listener("::", 80)])] == [
         "port 80/tcp is in use on the host: nginx (pid 12) listens on [::]:80 "
         "(an operator can allow it with policy.allow_listening)"
     ]
@@ -339,14 +363,14 @@ def test_a_listener_on_all_addresses_shadows() -> None:
 
 def test_a_listener_on_the_same_address_shadows() -> None:
     mapping = located("203.0.113.7:80:8080")
-    assert [e.message for e in check_policy(mapping, Policy(), [listener("203.0.113.7", 80)])] == [
+    assert [e.message for e in check_policy(mapping, OPEN, [listener("203.0.113.7", 80)])] == [
         "port 80/tcp is in use on the host: nginx (pid 12) listens on 203.0.113.7:80 "
         "(an operator can allow it with policy.allow_listening)"
     ]
 
 
 def test_a_listener_on_one_address_shadows_a_mapping_on_all_addresses() -> None:
-    errors = check_policy(located("80:8080"), Policy(), [listener("2001:db8::7", 80)])
+    errors = check_policy(located("80:8080"), OPEN, [listener("2001:db8::7", 80)])
     assert [e.message for e in errors] == [
         "port 80/tcp is in use on the host: nginx (pid 12) listens on [2001:db8::7]:80 "
         "(an operator can allow it with policy.allow_listening)"
@@ -356,31 +380,29 @@ def test_a_listener_on_one_address_shadows_a_mapping_on_all_addresses() -> None:
 def test_a_listener_on_another_address_does_not_shadow() -> None:
     mapping = located("203.0.113.7:80:8080\n[2001:db8::7]:81:8081")
     listeners = [listener("203.0.113.8", 80), listener("2001:db8::8", 81)]
-    assert check_policy(mapping, Policy(), listeners) == []
+    assert check_policy(mapping, OPEN, listeners) == []
 
 
 def test_loopback_listeners_never_count() -> None:
     listeners = [listener("127.0.0.1", 80), listener("127.0.0.53", 53, UDP), listener("::1", 80)]
-    assert check_policy(located("80:8080\n53:5053/udp"), Policy(), listeners) == []
+    assert check_policy(located("80:8080\n53:5053/udp"), OPEN, listeners) == []
 
 
 def test_listeners_of_another_protocol_or_port_do_not_count() -> None:
     listeners = [listener("0.0.0.0", 53, UDP), listener("0.0.0.0", 8080)]
-    assert check_policy(located("53:5053/tcp\n80:8080"), Policy(), listeners) == []
+    assert check_policy(located("53:5053/tcp\n80:8080"), OPEN, listeners) == []
 
 
 def test_a_udp_listener_shadows_a_udp_mapping() -> None:
     listeners = [listener("0.0.0.0", 53, UDP, "dnsmasq (pid 7)")]
-    assert [
-        e.format("PORTS") for e in check_policy(located("53:5053/udp"), Policy(), listeners)
-    ] == [
+    assert [e.format("PORTS") for e in check_policy(located("53:5053/udp"), OPEN, listeners)] == [
         "PORTS:1:1: port 53/udp is in use on the host: dnsmasq (pid 7) listens on 0.0.0.0:53 "
         "(an operator can allow it with policy.allow_listening)"
     ]
 
 
 def test_allow_listening_lets_it_through() -> None:
-    policy = Policy(allow_listening=(PortRange(80, 80),))
+    policy = Policy(allow_listening=(PortRange(80, 80),), reserved=())
     assert check_policy(located("80:8080"), policy, [listener("0.0.0.0", 80)]) == []
     # but only for the ports it names
     assert [
@@ -400,7 +422,7 @@ def test_allow_listening_does_not_lift_a_deny() -> None:
 
 
 def test_a_range_with_one_listened_port_is_refused() -> None:
-    errors = check_policy(located("8000-8100:9000-9100"), Policy(), [listener("0.0.0.0", 8080)])
+    errors = check_policy(located("8000-8100:9000-9100"), OPEN, [listener("0.0.0.0", 8080)])
     assert [e.message for e in errors] == [
         "port 8080/tcp is in use on the host: nginx (pid 12) listens on 0.0.0.0:8080 "
         "(an operator can allow it with policy.allow_listening)"
@@ -409,7 +431,8 @@ def test_a_range_with_one_listened_port_is_refused() -> None:
 
 def test_every_refused_line_is_reported() -> None:
     text = "22:2222\n80:8080\n443:8443\n"
-    errors = check_policy(located(text), Policy(), [listener("0.0.0.0", 443)])
+    only_ssh = Policy(reserved=(PortRange(22, 22),))
+    errors = check_policy(located(text), only_ssh, [listener("0.0.0.0", 443)])
     assert [(e.line, e.message.split(":")[0]) for e in errors] == [
         (1, "port 22/tcp is reserved by the host policy"),
         (3, "port 443/tcp is in use on the host"),
@@ -417,5 +440,5 @@ def test_every_refused_line_is_reported() -> None:
 
 
 def test_listeners_may_be_any_iterable() -> None:
-    errors = check_policy(located("80:8080\n81:8081"), Policy(), iter([listener("0.0.0.0", 81)]))
+    errors = check_policy(located("80:8080\n81:8081"), OPEN, iter([listener("0.0.0.0", 81)]))
     assert [e.line for e in errors] == [2]
