@@ -88,12 +88,23 @@ start_dockerd() {
 }
 
 stop_dockerd() {
-    local pid="$STARTED_DOCKERD_PID"
+    local pid="$STARTED_DOCKERD_PID" current=""
     STARTED_DOCKERD_PID=""
     if [ -n "$pid" ]; then
         log "stopping the dockerd this script started"
+        # The agent's tests restart dockerd (a new process, same command line): stop
+        # whichever one runs now, as the pid file names it.
+        current="$(cat /var/run/docker.pid 2>/dev/null || true)"
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
+        if [ -n "$current" ] && [ "$current" != "$pid" ]; then
+            kill "$current" 2>/dev/null || true
+            local _
+            for _ in $(seq 1 60); do
+                kill -0 "$current" 2>/dev/null || break
+                sleep 1
+            done
+        fi
     fi
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,37 @@ def sh(
 
 def delete_natports_table() -> None:
     sh("nft", "delete", "table", *TABLE, check=False)
+
+
+DOCKERD_LOG = Path("/var/log/natports-test-dockerd.log")
+
+
+def docker_answers() -> bool:
+    return sh("docker", "version", "--format", "{{.Server.Version}}", check=False).returncode == 0
+
+
+def restart_dockerd(timeout: float = 90.0) -> float:
+    """Stop the running dockerd and start it again with the same command line, as a
+    Docker package upgrade does (without live-restore every container stops, and those
+    with a restart policy come back, addresses handed out anew).
+
+    Returns the wall-clock time at which Docker's API answered again.
+    """
+    pid = int(Path("/var/run/docker.pid").read_text().strip())
+    argv = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "dockerd did not stop"
+        time.sleep(0.05)
+    with DOCKERD_LOG.open("ab") as log:
+        subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    while not docker_answers():
+        assert time.monotonic() < deadline, f"dockerd did not come back; see {DOCKERD_LOG}"
+        time.sleep(0.05)
+    return time.time()
 
 
 def delete_iptables_chains(prefix: str = NFT_TABLE.upper()) -> None:
@@ -98,6 +130,13 @@ class ClientNet:
 
     def udp_hold(self, port: int) -> UdpFlow:
         return UdpFlow(self._netclient("udphold", self.host_ip, str(port)))
+
+    def probe(self, ports: Sequence[int], max_seconds: float, stopfile: Path) -> Hammer:
+        """Connects to each port in turn until stopped; `stop()` gives every attempt."""
+        argv = self._netclient(
+            "probe", self.host_ip, ",".join(map(str, ports)), str(max_seconds), str(stopfile)
+        )
+        return Hammer(argv, stopfile)
 
     def hammer(self, port: int, rate: int, max_seconds: float, stopfile: Path) -> Hammer:
         argv = self._netclient(
@@ -254,6 +293,7 @@ class Containers:
         name: str | None = None,
         publish: bool = True,
         udp: bool = True,
+        restart: str | None = None,
     ) -> Container:
         labels = {}
         if app is not None:
@@ -275,6 +315,7 @@ class Containers:
             labels=labels,
             ports=published,
             detach=True,
+            restart_policy={"Name": restart} if restart else None,
         )
         self.started.append(container.id)
         container.reload()
@@ -283,6 +324,17 @@ class Containers:
 
     def stop(self, cid: str, timeout: int = 5) -> None:
         self.client.containers.get(cid).stop(timeout=timeout)
+
+    def start_again(self, cid: str) -> str:
+        """Start a stopped container; returns its (possibly new) address."""
+        container = self.client.containers.get(cid)
+        container.start()
+        container.reload()
+        return str(container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"])
+
+    def ip(self, cid: str) -> str:
+        container = self.client.containers.get(cid)
+        return str(container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"])
 
     def rename(self, cid: str, name: str) -> None:
         self.client.containers.get(cid).rename(name)
@@ -340,6 +392,9 @@ class Cli:
                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
             )
         return proc
+
+    def full_env(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
 
     def status(self) -> list[dict[str, Any]]:
         return list(json.loads(self("status", "--json").stdout))

@@ -9,6 +9,9 @@ Modes (all print one JSON object per result line on stdout):
                             MAX_SECONDS pass); report counts per tag and every failure
   udp HOST PORT MSG         send one datagram, print the answer
   udphold HOST PORT         one UDP socket; each stdin line is sent, the answer printed
+  probe HOST PORT[,PORT...] MAX_SECONDS STOPFILE
+                            connect to each port in turn (0.5 s timeout) until STOPFILE
+                            exists; report every attempt: [wall time, port, tag or null]
 """
 
 from __future__ import annotations
@@ -110,7 +113,28 @@ def udp_hold(host: str, port: int) -> None:
                 print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
 
 
+def probe(host: str, ports: list[int], max_seconds: float, stopfile: str) -> None:
+    """Which app answers each port, attempt by attempt (a misrouted flow shows its tag)."""
+    attempts: list[list[object]] = []
+    start = time.monotonic()
+    print(json.dumps({"started": True}), flush=True)
+    while time.monotonic() - start < max_seconds and not os.path.exists(stopfile):
+        for port in ports:
+            tag = None
+            try:
+                with socket.create_connection((host, port), timeout=0.5) as sock:
+                    sock.settimeout(0.5)
+                    tag = _greeting(sock)
+            except OSError:
+                time.sleep(0.01)  # refused at once: do not spin
+            attempts.append([time.time(), port, tag])
+    print(json.dumps({"attempts": attempts}), flush=True)
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "probe":
+        probe(argv[1], [int(p) for p in argv[2].split(",")], float(argv[3]), argv[4])
+        return
     mode, host, port = argv[0], argv[1], int(argv[2])
     if mode == "once":
         print(json.dumps(once(host, port)), flush=True)
