@@ -97,6 +97,19 @@ def test_scale_restart_and_new_addresses(dokku: DokkuHost, client_net: ClientNet
     assert tags(client_net, PORT, 5) == {"v1.web.1"}
 
 
+def test_a_process_type_scaled_to_zero_routes_nothing(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """ps:scale worker=0 removes its CONTAINER files; its old container drains, unrouted."""
+    files = {"PORTS": f"{PORT}:5025\nworker: {PORT + 1}:5026\n"}
+    assert dokku.git_push("mail", "v1", files, scale={"web": 1, "worker": 1}).ok
+    assert tags(client_net, PORT + 1) == {"v1.worker.1"}
+    scaled = dokku.release_and_deploy("mail", "v1", scale={"web": 1, "worker": 0})
+    assert scaled.ok, scaled.output
+    assert tags(client_net, PORT + 1) == {"refused"}  # the old worker still runs
+    assert tags(client_net, PORT) == {"v1.web.1"}
+
+
 def test_a_conflicting_push_fails_before_any_container_is_created(
     dokku: DokkuHost, client_net: ClientNet
 ) -> None:
