@@ -5,10 +5,18 @@ Rule, in order:
 2. Dokku's `DOKKU_ROOT/APP/CONTAINER.<proc>.<n>` files exist: the containers they
    name. Dokku rewrites them as each new container passes its checks, so during
    and after a deploy they name the new release.
-3. Otherwise: running containers labelled `com.dokku.app-name=APP` and
-   `com.dokku.process-type=<proc>` that run the image of the most recently
-   created one among them (the newest release only; old ones still draining are
-   left out).
+3. A Dokku app (DOKKU_ROOT/APP exists) without files for a process type runs no
+   container of it: scaled to 0 or removed from the Procfile (Dokku v0.38.27
+   bin/scheduler-deploy-process:90-110 removes the files beyond the scale). Nothing is
+   routed for it; containers still labelled for it are old ones draining.
+4. Otherwise (no Dokku app dir): running containers labelled `com.dokku.app-name=APP`
+   and `com.dokku.process-type=<proc>`, deploy containers only (never `dokku run`
+   ones: `com.dokku.container-type=run`), that run the image of the most recently
+   created one among them (the newest release only).
+
+A container's address is the one on its initial network, as Dokku's own
+GetContainerIpaddress (plugins/network/network.go:99-135): the network it was created
+on (`network:set APP initial-network`, HostConfig.NetworkMode), else `bridge`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from .model import Protocol
 
 LABEL_APP = "com.dokku.app-name"
 LABEL_PROCESS = "com.dokku.process-type"
+LABEL_TYPE = "com.dokku.container-type"  # deploy, or run for `dokku run` (scheduler-deploy:21)
 _CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
 _CONTAINER_FILE = re.compile(r"^CONTAINER\.([A-Za-z][A-Za-z0-9_-]*)\.([0-9]+)$")
 
@@ -51,6 +60,7 @@ class ContainerInfo:
     app: str | None = None  # the com.dokku.app-name label
     pid: int = 0  # the container's init process on the host, 0 when not running
     started_at: str = ""
+    container_type: str | None = None  # com.dokku.container-type
 
     @property
     def short_id(self) -> str:
@@ -65,8 +75,11 @@ def parse_inspect(data: dict[str, Any]) -> ContainerInfo:
     """Turn `docker inspect` output into what natports needs; pure, so unit-testable."""
     settings = data.get("NetworkSettings") or {}
     networks: dict[str, Any] = settings.get("Networks") or {}
-    # Prefer Docker's default bridge, then the networks in name order.
-    ordered = sorted(networks.items(), key=lambda kv: (kv[0] != "bridge", kv[0]))
+    # The initial network (the one the container was created on), then Docker's default
+    # bridge, then the others in name order (only when the first ones give no address).
+    mode = str((data.get("HostConfig") or {}).get("NetworkMode") or "")
+    initial = mode if mode in networks else "bridge"
+    ordered = sorted(networks.items(), key=lambda kv: (kv[0] != initial, kv[0] != "bridge", kv[0]))
     ipv4: IPv4Address | None = None
     ipv6: IPv6Address | None = None
     subnets: list[str] = []
@@ -100,12 +113,17 @@ def parse_inspect(data: dict[str, Any]) -> ContainerInfo:
         app=labels.get(LABEL_APP),
         pid=int(state.get("Pid") or 0),
         started_at=str(state.get("StartedAt", "")),
+        container_type=labels.get(LABEL_TYPE),
     )
 
 
 def newest_release(containers: Iterable[ContainerInfo]) -> list[ContainerInfo]:
-    """The running containers that share the image of the most recently created one."""
-    running = [c for c in containers if c.running]
+    """The running deploy containers that share the image of the most recently created one.
+
+    A `dokku run` container (container-type run) may carry a process-type label too: never
+    a backend.
+    """
+    running = [c for c in containers if c.running and c.container_type in (None, "deploy")]
     if not running:
         return []
     newest = max(running, key=lambda c: _created_order(c.created))
@@ -213,13 +231,25 @@ def current_containers(
     if pinned:
         return {proc: [c for c in pinned if c.process_type in (None, proc)] for proc in wanted}
     files = container_files(dokku_root, app)
+    dokku_app = _is_dir(dokku_root / app)
     result: dict[str, list[ContainerInfo]] = {}
     for proc in wanted:
         if proc in files:
             result[proc] = [docker.inspect(cid) for cid in files[proc]]
+        elif dokku_app:
+            result[proc] = []  # Dokku runs none of this type: nothing to route (rule 3)
         else:
-            result[proc] = newest_release(docker.labelled(app, proc))
+            found = newest_release(docker.labelled(app, proc))
+            if found:  # absent: "no running container" is a problem of the app
+                result[proc] = found
     return result
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _created_order(created: str) -> str:

@@ -15,6 +15,8 @@ def build_routes(
     problems: list[str] = []
     routes: list[Route] = []
     for mapping in mappings:
+        if containers.get(mapping.process_type) == []:
+            continue  # known to run no container of this type (scaled to 0): route nothing
         found = containers.get(mapping.process_type, [])
         live = [c for c in found if c.running]
         for c in found:

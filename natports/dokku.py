@@ -1,34 +1,49 @@
-"""The Dokku plugin's use cases: staged PORTS per deploy, Dokku's `ports:set` map, life cycle.
+"""The Dokku plugin's use cases: staged PORTS per build, Dokku's `ports:set` map, life cycle.
 
 An app's mappings come from two sources, kept apart in the state directory:
     dokku/APP.json    the live sources: the PORTS file of the running release and
-                      Dokku's tcp/udp port map
-    staged/APP.json   the sources of the release being deployed (written at
-                      post-extract, promoted at post-deploy)
+                      Dokku's tcp/udp port map (the configured one, never the detected one)
+    staged/APP.json   the PORTS file of the build in progress, written at pre-build and
+                      stamped with that build's key; only the same build may use it
+                      (docker-args-process-deploy) or promote it (post-deploy)
 The effective mappings (`apps/APP.json`) are the PORTS file's lines plus every
 port-map entry whose public port the PORTS file does not already claim: on a
 clash the PORTS file wins, because it travels with the code being deployed.
+
+A build is one Dokku command: `dokku` exports DOKKU_PID once and every nested call keeps
+it (Dokku v0.38.27 `dokku`:58), and Dokku itself keys per-build files by it
+(plugins/common/common.go:145, :302). The key adds the process's start time and the boot
+id, so a recycled PID never matches an old stage.
 """
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import re
+import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import engine
 from .errors import InputError, NatportsError
 from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, loopback_publish
-from .spec import Located, overlaps
+from .spec import MAX_PORTS_BYTES, Located, excerpt, overlaps, parse_bytes
 
 LIVE = "dokku"
 STAGED = "staged"
 _MAP_ENTRY = re.compile(r"^([a-z0-9]+):([0-9]{1,5}):([0-9]{1,5})$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+_PID_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+# git:from-image writes `FROM IMAGE` and this label as the last lines of the work dir's
+# Dockerfile (Dokku v0.38.27 plugins/git/git-from-image:25-26); ps:rebuild checks the
+# same commit out again, so the work dir tells an image deploy on every path.
+_IMAGE_LABEL = "LABEL com.dokku.docker-image-labeler/alternate-tags="
+MAX_DOCKERFILE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,13 +91,15 @@ def parse_ports_map(entries: Sequence[str]) -> tuple[list[Located], list[str]]:
     for index, entry in enumerate(entries, start=1):
         match = _MAP_ENTRY.match(entry.strip())
         if not match:
-            errors.append(f'ports:set entry "{entry}" is not SCHEME:HOST_PORT:CONTAINER_PORT')
+            errors.append(
+                f'ports:set entry "{excerpt(entry)}" is not SCHEME:HOST_PORT:CONTAINER_PORT'
+            )
             continue
         scheme, public, private = match.group(1), int(match.group(2)), int(match.group(3))
         if scheme not in ("tcp", "udp"):
             continue  # http, https, grpc...: Dokku's HTTP proxy serves those
         if not (1 <= public <= 65535 and 1 <= private <= 65535):
-            errors.append(f'ports:set entry "{entry}": port out of range (1-65535)')
+            errors.append(f'ports:set entry "{excerpt(entry)}": port out of range (1-65535)')
             continue
         mapping = Mapping(public, private, Protocol(scheme), process_type=DEFAULT_PROCESS_TYPE)
         located.append(Located(mapping, index, 1))
@@ -97,7 +114,7 @@ def _load(ctx: engine.Context, kind: str, app: str) -> Sources | None:
 def read_ports_from_image(ctx: engine.Context, image: str) -> bytes | None:
     """The PORTS file inside an image (its working directory, /app, then /), if any."""
     if not _IMAGE_RE.fullmatch(image):
-        raise InputError([f'"{image}" is not an image reference'])
+        raise InputError([f'"{excerpt(image)}" is not an image reference'])
     client = ctx.docker().client
     try:
         return _ports_from_image(client, image)
@@ -117,35 +134,224 @@ def _ports_from_image(client: Any, image: str) -> bytes | None:
                 stream, _ = client.api.get_archive(created["Id"], path)
             except Exception:  # any failure here means "not there"
                 continue
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            with tarfile.open(fileobj=io.BytesIO(_capped(stream))) as tar:
                 member = tar.next()
-                handle = tar.extractfile(member) if member and member.isfile() else None
+                if member is None:
+                    continue
+                if not member.isfile():  # a symlink or a device: refused unread
+                    raise InputError([f"{path} in the image is not a regular file"])
+                if member.size > MAX_PORTS_BYTES:
+                    raise InputError(
+                        [f"{path} in the image is larger than {MAX_PORTS_BYTES} bytes"]
+                    )
+                handle = tar.extractfile(member)
                 if handle is not None:
-                    return handle.read()
+                    return handle.read(MAX_PORTS_BYTES + 1)
         return None
     finally:
         client.api.remove_container(created["Id"], force=True)
 
 
+def _capped(stream: Any) -> bytes:
+    """An archive stream, refused past what a tar of one capped PORTS file can be."""
+    limit = MAX_PORTS_BYTES + 64 * 1024
+    data = bytearray()
+    for chunk in stream:
+        data += chunk
+        if len(data) > limit:
+            raise InputError([f"PORTS in the image is larger than {MAX_PORTS_BYTES} bytes"])
+    return bytes(data)
+
+
+# -- the build's source (read as the dokku user, never as root) ------------------------------
+
+
+@dataclass(frozen=True)
+class BuildSource:
+    """What a build's work dir says about PORTS: its content, or the image it deploys."""
+
+    ports: bytes | None
+    image: str | None
+
+
+def read_build_source(work_dir: Path) -> BuildSource:
+    """The work dir's PORTS, refused unread unless a regular file of at most 64 KiB.
+
+    A symlink (to another app's ENV, say), a FIFO or a device is never opened for
+    reading: O_NOFOLLOW refuses the link itself, O_NONBLOCK keeps a FIFO from blocking,
+    and fstat decides before any byte is read. Dokku has already moved a configured
+    build-dir to the top of the work dir (builder core-post-extract, Dokku v0.38.27
+    plugins/builder/triggers.go:69-101), so WORK_DIR/PORTS is the right file either way.
+    """
+    try:
+        dir_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise InputError([f"cannot open the build's work dir: {exc.strerror}"]) from None
+    try:
+        ports = _read_regular(dir_fd, "PORTS", MAX_PORTS_BYTES)
+        image = None
+        if ports is None:
+            dockerfile = _read_regular(dir_fd, "Dockerfile", MAX_DOCKERFILE_BYTES, strict=False)
+            image = None if dockerfile is None else image_of_dockerfile(dockerfile)
+        return BuildSource(ports, image)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_regular(dir_fd: int, name: str, limit: int, strict: bool = True) -> bytes | None:
+    """NAME in the directory if it is a regular file within `limit`; None when absent.
+
+    strict: anything else is an error (PORTS); otherwise it counts as absent (Dockerfile).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if not strict:
+            return None
+        if exc.errno == errno.ELOOP:
+            raise InputError(
+                [f"{name} is a symbolic link: natports reads only a regular file"]
+            ) from None
+        raise InputError([f"{name}: cannot open: {exc.strerror}"]) from None
+    try:
+        info = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem = f"{name} is not a regular file (a FIFO, device or directory)"
+        elif info.st_size > limit:
+            problem = f"{name} is larger than {limit} bytes"
+        if problem:
+            if strict:
+                raise InputError([problem])
+            return None
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:
+            if strict:
+                raise InputError([f"{name} is larger than {limit} bytes"])
+            return None
+        return data
+    finally:
+        os.close(fd)
+
+
+def image_of_dockerfile(dockerfile: bytes) -> str | None:
+    """The image of a git:from-image deploy, from the two lines Dokku appended."""
+    lines = [ln.strip() for ln in dockerfile.decode("utf-8", "replace").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if (
+        len(lines) < 2
+        or not lines[-2].startswith("FROM ")
+        or not lines[-1].startswith(_IMAGE_LABEL)
+    ):
+        return None
+    image = lines[-2].removeprefix("FROM ").strip()
+    return image if _IMAGE_RE.fullmatch(image) else None
+
+
+# -- builds ---------------------------------------------------------------------------------
+
+
+def build_key(pid: str) -> str:
+    """The Dokku command (DOKKU_PID) a stage belongs to; see the module docstring."""
+    if not _PID_RE.fullmatch(pid):
+        raise InputError([f'build "{excerpt(pid)}" is not a process id (DOKKU_PID)'])
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "-"
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        started = fields[19]  # field 22, starttime, counted after "pid (comm)"
+    except (OSError, IndexError):
+        started = "gone"
+    return f"{boot}:{pid}:{started}"
+
+
+def _build_alive(key: str) -> bool:
+    """Whether the Dokku command that wrote a stage still runs."""
+    try:
+        _, pid, _ = key.split(":")
+        return build_key(pid) == key and not key.endswith(":gone")
+    except (ValueError, InputError):
+        return False
+
+
+@dataclass(frozen=True)
+class Stage:
+    build: str
+    ports_file: tuple[Mapping, ...] | None
+
+    def to_json(self) -> dict[str, object]:
+        files = None if self.ports_file is None else [m.to_json() for m in self.ports_file]
+        return {"build": self.build, "ports_file": files}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Stage:
+        files = data.get("ports_file")
+        assert files is None or isinstance(files, list)
+        mappings = None if files is None else tuple(Mapping.from_json(m) for m in files)
+        return cls(str(data.get("build", "")), mappings)
+
+
+def _stage_of(ctx: engine.Context, app: str, key: str | None) -> Stage | None:
+    """The app's stage if it belongs to build `key` (None: no build, e.g. ps:restart)."""
+    data = ctx.store.document(STAGED, app)
+    if data is None or key is None:
+        return None
+    stage = Stage.from_json(data)
+    return stage if stage.build == key else None
+
+
+def _check_outside_lock(
+    ctx: engine.Context, app: str, result_errors: list[Any], located: Sequence[Located]
+) -> None:
+    """Claims are read under the lock, checked after it: other apps' deploys never wait
+    for a big PORTS. The check is repeated under the lock at post-deploy, where it counts."""
+    with ctx.store.locked():
+        check = engine.claim_checker(ctx, app)
+    errors = list(result_errors) + check(located)
+    if errors:
+        errors.sort(key=lambda e: (e.line, e.col))
+        raise InputError([e.format("PORTS") for e in errors])
+
+
 def stage(
     ctx: engine.Context,
     app: str,
+    build: str,
     ports_text: bytes | None,
-    ports_map: Sequence[str],
     image: str | None = None,
-) -> tuple[Sources, list[str]]:
-    """post-extract: validate the new release's PORTS; bad input aborts the deploy here."""
+) -> Stage:
+    """pre-build: validate the build's PORTS and stage it for this build only.
+
+    A failing pre-build aborts the build before any container exists (each builder's
+    builder-build runs it at top level under `set -eo pipefail`, e.g. Dokku v0.38.27
+    plugins/builder-dockerfile/builder-build:5,33; dokku_build then calls dokku_log_fail,
+    plugins/common/functions:627-640). On failure no stage is left behind.
+    """
     engine.require_app_name(app)
-    if image is not None:
-        ports_text = read_ports_from_image(ctx, image)
-    map_located, warnings = parse_ports_map(ports_map)
+    key = build_key(build)
+    try:
+        if image is not None:
+            ports_text = read_ports_from_image(ctx, image)
+        if ports_text is not None and len(ports_text) > MAX_PORTS_BYTES:
+            raise InputError([f"PORTS is larger than {MAX_PORTS_BYTES} bytes"])
+        from_file = None
+        if ports_text is not None:
+            result = parse_bytes(ports_text)
+            _check_outside_lock(ctx, app, list(result.errors), result.mappings)
+            from_file = tuple(loc.mapping for loc in result.mappings)
+    except InputError:
+        with ctx.store.locked():
+            ctx.store.remove_document(STAGED, app)
+        raise
+    staged = Stage(key, from_file)
     with ctx.store.locked():
-        check = engine.claim_checker(ctx, app)
-        from_file = None if ports_text is None else engine.validate(ports_text, "PORTS", check)
-        sources = Sources(from_file, tuple(m.mapping for m in map_located))
-        warnings += _routable_map(check, sources)[1]
-        ctx.store.set_document(STAGED, app, sources.to_json())
-        return sources, warnings
+        ctx.store.set_document(STAGED, app, staged.to_json())
+    return staged
 
 
 def _map_text(mapping: Mapping) -> str:
@@ -174,10 +380,29 @@ def _routable_map(
     return kept, warnings
 
 
-def docker_args(ctx: engine.Context, app: str, process_type: str) -> list[str]:
-    """`-p 127.0.0.1::PRIVATE[/udp]` for each private port of the process type. Read-only."""
+def docker_args(
+    ctx: engine.Context, app: str, process_type: str, build: str | None, check: bool = False
+) -> list[str]:
+    """`-p 127.0.0.1::PRIVATE[/udp]` for each private port of the process type.
+
+    Uses this build's stage, else the live sources (ps:restart, ps:scale). `check` (the
+    once-per-process-type call, Dokku v0.38.27 bin/scheduler-deploy-process:54-56, under
+    `set -eo pipefail` before any container of the type is created) validates the stage
+    again against the claims of now: another app may have taken a port since pre-build.
+    """
     engine.require_app_name(app)
-    sources = _load(ctx, STAGED, app) or _load(ctx, LIVE, app)
+    live = _load(ctx, LIVE, app)
+    staged = _stage_of(ctx, app, None if build is None else build_key(build))
+    if staged is not None:
+        if check and staged.ports_file:
+            located = [Located(m, i, 1) for i, m in enumerate(staged.ports_file, start=1)]
+            try:
+                _check_outside_lock(ctx, app, [], located)
+            except InputError as exc:
+                raise InputError(_relabel(exc.problems, staged.ports_file)) from None
+        sources: Sources | None = Sources(staged.ports_file, live.ports_map if live else ())
+    else:
+        sources = live
     if sources is None:
         return []
     ports: set[tuple[int, Protocol]] = set()
@@ -190,21 +415,46 @@ def docker_args(ctx: engine.Context, app: str, process_type: str) -> list[str]:
     return args
 
 
-def promote(
-    ctx: engine.Context, app: str, ports_map: Sequence[str] | None, from_stage: bool = True
-) -> tuple[engine.ApplyReport | None, list[str]]:
-    """post-deploy (and ports:set): make the staged sources live and route the app.
+def _relabel(problems: list[str], mappings: tuple[Mapping, ...]) -> list[str]:
+    """`PORTS:N:1: ...` of a re-check names the stored line N, not a file position."""
+    out = []
+    for problem in problems:
+        head, _, rest = problem.partition(": ")
+        parts = head.split(":")
+        if len(parts) == 3 and parts[1].isdigit() and 1 <= int(parts[1]) <= len(mappings):
+            out.append(f"PORTS {mappings[int(parts[1]) - 1].to_line()}: {rest}")
+        else:
+            out.append(problem)
+    return out
 
+
+def promote(
+    ctx: engine.Context,
+    app: str,
+    ports_map: Sequence[str] | None,
+    build: str | None = None,
+) -> tuple[engine.ApplyReport | None, list[str]]:
+    """post-deploy (build given) and ports:set (no build): make the sources live, route.
+
+    Only the stage of this very build is promoted; a stage another build left behind
+    (it failed after pre-build) is dropped once that build is over, never promoted.
     `ports_map` None keeps the last known map. Returns the apply report (None when
     the app has nothing to route and never had) and warnings for people.
     """
     engine.require_app_name(app)
+    key = None if build is None else build_key(build)
     warnings: list[str] = []
     if ports_map is not None:
         map_located, warnings = parse_ports_map(ports_map)
     with ctx.store.locked():
-        staged = _load(ctx, STAGED, app) if from_stage else None
-        current = staged or _load(ctx, LIVE, app) or Sources(None, ())
+        staged = _stage_of(ctx, app, key)
+        leftover = ctx.store.document(STAGED, app)
+        stale = staged is None and leftover is not None and key is not None
+        if stale and not _build_alive(str((leftover or {}).get("build", ""))):
+            ctx.store.remove_document(STAGED, app)
+            warnings.append("dropped the PORTS staged by an earlier build that never deployed")
+        live = _load(ctx, LIVE, app) or Sources(None, ())
+        current = live if staged is None else Sources(staged.ports_file, live.ports_map)
         if ports_map is not None:
             current = Sources(current.ports_file, tuple(m.mapping for m in map_located))
         # Claims may have changed since post-extract (another app deployed meanwhile).
@@ -219,7 +469,7 @@ def promote(
         kept, map_warnings = _routable_map(check, current)
         warnings += map_warnings
         ctx.store.set_document(LIVE, app, current.to_json())
-        if from_stage:
+        if staged is not None:
             ctx.store.remove_document(STAGED, app)
         merged = from_file + kept
         if merged:
@@ -228,6 +478,13 @@ def promote(
             ctx.store.remove_mappings(app)
         report = engine.apply_app_unlocked(ctx, app)
         return (report if report.batch else None), warnings
+
+
+def discard_stage(ctx: engine.Context, app: str) -> None:
+    """A stage that cannot go live is dropped: no later deploy may promote it."""
+    engine.require_app_name(app)
+    with ctx.store.locked():
+        ctx.store.remove_document(STAGED, app)
 
 
 def reapply(ctx: engine.Context, app: str) -> engine.ApplyReport | None:
@@ -277,7 +534,7 @@ def rename(ctx: engine.Context, old: str, new: str) -> None:
 def report(ctx: engine.Context, app: str) -> dict[str, object]:
     engine.require_app_name(app)
     sources = _load(ctx, LIVE, app)
-    staged = _load(ctx, STAGED, app)
+    staged = ctx.store.document(STAGED, app)
     applied = ctx.store.applied(app)
     routes = applied.routes if applied else ()
     backends = sorted({f"{b.container_id[:12]}@{b.ip}" for r in routes for b in r.backends})

@@ -7,7 +7,9 @@ port-map entries); the shell triggers only pass Dokku's arguments on.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,6 +17,12 @@ from . import dokku as use
 from . import engine
 from .cli_support import handles_errors
 from .containers import AppProblem
+from .errors import InputError
+from .spec import MAX_PORTS_BYTES
+
+BUILD_HELP = "DOKKU_PID of the Dokku command running the build (keys the staged PORTS)."
+NO_PORTS_EXIT = 3  # read-source: the work dir has no PORTS file
+REFUSED_EXIT = 4  # read-source: PORTS is refused (any other code: natports itself failed)
 
 PORTS_MAP_HELP = (
     "Dokku's port map as space-separated SCHEME:HOST:CONTAINER entries "
@@ -36,32 +44,59 @@ def dokku() -> None:
     """Commands for the Dokku plugin's triggers."""
 
 
+@dokku.command("read-source")
+@click.argument("work_dir", type=click.Path(path_type=Path))
+def read_source(work_dir: Path) -> None:
+    """pre-build, as the dokku user: print the work dir's PORTS (exit 0), or exit 3 and print
+    the image of a git:from-image deploy (or nothing). A PORTS that is not a regular file of
+    at most 64 KiB is refused unread (exit 4). Never as root: root could read any file."""
+    if os.geteuid() == 0:
+        click.echo("natports: read-source runs as the dokku user, never as root", err=True)
+        sys.exit(2)
+    try:
+        source = use.read_build_source(work_dir)
+    except InputError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(REFUSED_EXIT)
+    if source.ports is None:
+        if source.image:
+            click.echo(source.image)
+        sys.exit(NO_PORTS_EXIT)
+    sys.stdout.buffer.write(source.ports)
+
+
 @dokku.command()
 @click.argument("app")
-@click.option("--ports-map", help=PORTS_MAP_HELP)
-@click.option("--image", help="Read PORTS from this image (image-based deploys).")
-@click.option("--no-ports-file", is_flag=True, help="The release has no PORTS file.")
+@click.option("--build", required=True, help=BUILD_HELP)
+@click.option("--image", help="Read PORTS from this image (git:from-image deploys).")
+@click.option("--no-ports-file", is_flag=True, help="The build has no PORTS file.")
 @click.pass_obj
 @handles_errors
 def stage(
-    ctx: engine.Context, app: str, ports_map: str | None, image: str | None, no_ports_file: bool
+    ctx: engine.Context, app: str, build: str, image: str | None, no_ports_file: bool
 ) -> None:
-    """post-extract: validate the new release's PORTS (stdin) before any container changes."""
-    text = None if (no_ports_file or image) else sys.stdin.buffer.read()
-    sources, warnings = use.stage(ctx, app, text, _map(ports_map) or [], image)
-    _warn(app, warnings)
-    found = "no PORTS file" if sources.ports_file is None else f"PORTS: {len(sources.ports_file)}"
+    """pre-build: validate the build's PORTS (stdin) before any container exists."""
+    text = None
+    if not (no_ports_file or image):
+        text = sys.stdin.buffer.read(MAX_PORTS_BYTES + 1)
+    staged = use.stage(ctx, app, build, text, image)
+    found = "no PORTS file" if staged.ports_file is None else f"PORTS: {len(staged.ports_file)}"
     click.echo(f"natports: {app}: {found} mapping(s) checked for this deploy")
 
 
 @dokku.command("docker-args")
 @click.argument("app")
 @click.argument("process_type")
+@click.option("--build", help=BUILD_HELP)
+@click.option("--check", is_flag=True, help="Validate this build's PORTS again (fails the deploy).")
 @click.pass_obj
 @handles_errors
-def docker_args(ctx: engine.Context, app: str, process_type: str) -> None:
+def docker_args(
+    ctx: engine.Context, app: str, process_type: str, build: str | None, check: bool
+) -> None:
     """docker-args-process-deploy: publish each private port on loopback only."""
-    args = use.docker_args(ctx, app, process_type)
+    args = use.docker_args(ctx, app, process_type, build or None, check)
     if args:
         click.echo(" ".join(args))
 
@@ -69,14 +104,40 @@ def docker_args(ctx: engine.Context, app: str, process_type: str) -> None:
 @dokku.command("post-deploy")
 @click.argument("app")
 @click.option("--ports-map", help=PORTS_MAP_HELP)
+@click.option("--build", help=BUILD_HELP)
 @click.pass_obj
 @handles_errors
-def post_deploy(ctx: engine.Context, app: str, ports_map: str | None) -> None:
-    """post-deploy / ports:set: make the staged mappings live and route to the new containers."""
-    report, warnings = use.promote(ctx, app, _map(ports_map))
+def post_deploy(ctx: engine.Context, app: str, ports_map: str | None, build: str | None) -> None:
+    """post-deploy: make this build's PORTS live and route to the new containers.
+
+    Traffic of Dokku's proxy has already moved and Dokku retires the old containers only
+    if this succeeds (Dokku v0.38.27 plugins/scheduler-docker-local/scheduler-deploy:2,83-96):
+    a problem of the app keeps its previous routes, is reported, and exits 0.
+    """
+    try:
+        report, warnings = use.promote(ctx, app, _map(ports_map), build or None)
+    except InputError as exc:
+        for problem in exc.problems:
+            click.echo(f"natports: {app}: {problem}", err=True)
+        click.echo(
+            f"natports: {app}: the new PORTS is not live; it keeps its previous routes", err=True
+        )
+        return
+    except AppProblem as exc:
+        click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
+        return
     _warn(app, warnings)
     if report is not None:
         click.echo(f"natports: {app}: new connections now go to the new containers")
+
+
+def _reapply_quietly(ctx: engine.Context, app: str) -> None:
+    """The previous mappings, routed to the current containers if they can be."""
+    try:
+        if use.reapply(ctx, app) is not None:
+            click.echo(f"natports: {app}: its previous PORTS now goes to the new containers")
+    except AppProblem as exc:
+        click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
 
 
 @dokku.command("ports-update")
@@ -90,7 +151,7 @@ def ports_update(ctx: engine.Context, app: str, ports_map: str) -> None:
     An app with no running containers keeps the new map for its next deploy.
     """
     try:
-        report, warnings = use.promote(ctx, app, _map(ports_map), from_stage=False)
+        report, warnings = use.promote(ctx, app, _map(ports_map))
         _warn(app, warnings)
     except AppProblem as exc:
         click.echo(f"natports: {app}: map stored; not routed yet: {exc.message}", err=True)

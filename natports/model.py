@@ -13,8 +13,11 @@ PORT_MIN = 1
 PORT_MAX = 65535
 DEFAULT_PROCESS_TYPE = "web"
 
-# Dokku's rule for app names (plugins/common/common.go IsValidAppName), length-capped.
-APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,199}$")
+# Dokku's rule for existing app names, length-capped. New apps get `^[a-z0-9][a-z0-9.-]*$`,
+# but older apps may contain `_` and stay valid (Dokku v0.38.27 plugins/common/common.go:
+# 1023-1028 IsValidAppNameOld, used by VerifyAppName at :1070). Every name derived from an
+# app name (state files, nft chains, labels) must accept all of these characters.
+APP_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,199}$")
 # Procfile process type names.
 PROCESS_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 

@@ -28,6 +28,22 @@ from .model import (
 _PROC_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_-]*):(?=[ \t])")
 _NUMBER = re.compile(r"[0-9]+")
 
+# A PORTS file larger than this is refused unread: it bounds the work done under the
+# store's lock, and no real file comes near it (a mapping line is about 20 bytes).
+MAX_PORTS_BYTES = 64 * 1024
+EXCERPT_CHARS = 12
+
+
+def excerpt(text: str) -> str:
+    """At most EXCERPT_CHARS characters of input, control characters escaped.
+
+    Errors quote what they refuse; a PORTS file may be something else in disguise
+    (another app's ENV), so a message must never carry more than a short piece of it.
+    """
+    cut = text[:EXCERPT_CHARS]
+    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch) & 0xFF:02x}" for ch in cut)
+    return shown + ("..." if len(text) > EXCERPT_CHARS else "")
+
 
 @dataclass(frozen=True)
 class SpecError:
@@ -106,7 +122,9 @@ def _parse_line(raw: str, number: int) -> Located | None:
     if prefix:
         process_type = prefix.group(1)
         if not PROCESS_TYPE_RE.fullmatch(process_type):
-            raise _LineError(pos + 1, f'process type "{process_type}" is too long (max 63)')
+            raise _LineError(
+                pos + 1, f'process type "{excerpt(process_type)}" is too long (max 63)'
+            )
         pos = prefix.end()
         while pos < len(body) and body[pos] in " \t":
             pos += 1
@@ -118,7 +136,7 @@ def _parse_line(raw: str, number: int) -> Located | None:
     rest = body[end:]
     if rest.strip():
         extra = end + (len(rest) - len(rest.lstrip()))
-        raise _LineError(extra + 1, f'unexpected "{rest.strip()}" after the mapping')
+        raise _LineError(extra + 1, f'unexpected "{excerpt(rest.strip())}" after the mapping')
     mapping = _parse_mapping(token, pos, process_type)
     return Located(mapping, number, start_col)
 
@@ -145,7 +163,7 @@ def _parse_mapping(token: str, offset: int, process_type: str) -> Mapping:
         except ValueError:
             raise _LineError(
                 offset + pos + slash + 2,
-                f'unknown protocol "{proto_text}" (expected tcp or udp)',
+                f'unknown protocol "{excerpt(proto_text)}" (expected tcp or udp)',
             ) from None
         body = body[:slash]
     parts = body.split(":")
@@ -158,7 +176,7 @@ def _parse_mapping(token: str, offset: int, process_type: str) -> Mapping:
             raise _LineError(offset + pos + 1, "expected PUBLIC:PRIVATE")
         if len(parts) > 3 and public_ip is None:
             raise _LineError(offset + 1, "an IPv6 host address must be written in brackets")
-        raise _LineError(offset + pos + 1, f'expected PUBLIC:PRIVATE, got "{token}"')
+        raise _LineError(offset + pos + 1, f'expected PUBLIC:PRIVATE, got "{excerpt(token)}"')
     pub_col = offset + pos + 1
     priv_col = pub_col + len(parts[0]) + 1
     pub_start, pub_end = _parse_range(parts[0], pub_col, "public")
@@ -168,8 +186,8 @@ def _parse_mapping(token: str, offset: int, process_type: str) -> Mapping:
     if pub_len != priv_len:
         raise _LineError(
             priv_col,
-            f"public range {parts[0]} has {pub_len} ports but private range "
-            f"{parts[1]} has {priv_len}",
+            f"public range {excerpt(parts[0])} has {pub_len} ports but private range "
+            f"{excerpt(parts[1])} has {priv_len}",
         )
     return Mapping(
         public_port=pub_start,
@@ -188,7 +206,7 @@ def _parse_range(text: str, col: int, side: str) -> tuple[int, int]:
         return start, start
     end = _parse_port(second, col + len(first) + 1, side)
     if end < start:
-        raise _LineError(col, f"{side} range {text} ends before it starts")
+        raise _LineError(col, f"{side} range {excerpt(text)} ends before it starts")
     return start, end
 
 
@@ -196,9 +214,9 @@ def _parse_port(text: str, col: int, side: str) -> int:
     if not text:
         raise _LineError(col, f"missing {side} port")
     if not _NUMBER.fullmatch(text):
-        raise _LineError(col, f'{side} port "{text}" is not a number')
+        raise _LineError(col, f'{side} port "{excerpt(text)}" is not a number')
     if len(text.lstrip("0")) > 5:  # also keeps int() away from absurdly long digit runs
-        shown = text if len(text) <= 12 else text[:12] + "..."
+        shown = excerpt(text)
         raise _LineError(col, f"{side} port {shown} is out of range ({PORT_MIN}-{PORT_MAX})")
     value = int(text)
     if not PORT_MIN <= value <= PORT_MAX:
@@ -210,13 +228,13 @@ def _parse_ip(text: str, col: int, want_v6: bool) -> IPAddress:
     try:
         addr = ip_address(text)
     except ValueError:
-        raise _LineError(col, f'"{text}" is not an IP address') from None
+        raise _LineError(col, f'"{excerpt(text)}" is not an IP address') from None
     if isinstance(addr, IPv6Address) and not want_v6:
         raise _LineError(col, "an IPv6 host address must be written in brackets")
     if isinstance(addr, IPv4Address) and want_v6:
         raise _LineError(col, f"{addr} is IPv4: write it without brackets")
     if isinstance(addr, IPv6Address) and addr.scope_id:
-        raise _LineError(col, f"{addr}: a zone index (%) cannot be a public address")
+        raise _LineError(col, f"{excerpt(str(addr))}: a zone index (%) cannot be a public address")
     if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
         raise _LineError(col, f"{addr} is IPv4-mapped: write {addr.ipv4_mapped} instead")
     if addr.is_loopback:
@@ -238,20 +256,92 @@ def overlaps(a: Mapping, b: Mapping) -> bool:
 
 
 def _duplicates(mappings: list[Located]) -> list[SpecError]:
+    """Each mapping that overlaps an earlier line, naming the first such line.
+
+    O(n log P) (P = 65536 ports): lines are visited in file order, and per protocol a
+    segment tree answers "the first line that covered any port of [start, end]" for
+    wildcard mappings, for each address, and for all of them together.
+    """
     errors: list[SpecError] = []
-    for i, later in enumerate(mappings):
-        for earlier in mappings[:i]:
-            if overlaps(earlier.mapping, later.mapping):
-                errors.append(
-                    SpecError(
-                        later.line,
-                        later.col,
-                        f"public port {later.mapping.public_text()} overlaps "
-                        f"{earlier.mapping.public_text()} on line {earlier.line}",
-                    )
+    by_line: dict[int, Located] = {}
+    trees: dict[tuple[Protocol, str], _FirstCover] = {}
+
+    def tree(protocol: Protocol, key: str) -> _FirstCover:
+        return trees.setdefault((protocol, key), _FirstCover())
+
+    for later in mappings:
+        m = later.mapping
+        if m.public_ip is None:  # all addresses: overlaps anything on its ports
+            first = tree(m.protocol, "*any").first(m.public_port, m.public_end)
+        else:
+            first = min(
+                tree(m.protocol, "*all-addresses").first(m.public_port, m.public_end),
+                tree(m.protocol, str(m.public_ip)).first(m.public_port, m.public_end),
+            )
+        if first < _FirstCover.NONE:
+            earlier = by_line[first]
+            errors.append(
+                SpecError(
+                    later.line,
+                    later.col,
+                    f"public port {m.public_text()} overlaps "
+                    f"{earlier.mapping.public_text()} on line {earlier.line}",
                 )
-                break
+            )
+        by_line.setdefault(later.line, later)
+        key = "*all-addresses" if m.public_ip is None else str(m.public_ip)
+        for name in ("*any", key):
+            tree(m.protocol, name).cover(m.public_port, m.public_end, later.line)
     return errors
+
+
+class _FirstCover:
+    """Ports 0-65535, each remembering the first (smallest) line that covered it.
+
+    A sparse segment tree: `cover` applies min(line) to a range, `first` is the minimum
+    over a range. Nodes are created on demand, so memory grows with the mappings.
+    """
+
+    NONE = 1 << 62
+    _SIZE = 1 << 16
+
+    def __init__(self) -> None:
+        self._tag: dict[int, int] = {}  # node -> min applied to its whole range
+        self._min: dict[int, int] = {}  # node -> min over its range
+
+    def cover(self, start: int, end: int, line: int) -> None:
+        self._cover(1, 0, self._SIZE - 1, start, end, line)
+
+    def first(self, start: int, end: int) -> int:
+        return self._first(1, 0, self._SIZE - 1, start, end)
+
+    def _cover(self, node: int, lo: int, hi: int, start: int, end: int, line: int) -> None:
+        if end < lo or hi < start:
+            return
+        if start <= lo and hi <= end:
+            self._tag[node] = min(self._tag.get(node, self.NONE), line)
+            self._min[node] = min(self._min.get(node, self.NONE), line)
+            return
+        mid = (lo + hi) // 2
+        self._cover(2 * node, lo, mid, start, end, line)
+        self._cover(2 * node + 1, mid + 1, hi, start, end, line)
+        self._min[node] = min(
+            self._tag.get(node, self.NONE),
+            self._min.get(2 * node, self.NONE),
+            self._min.get(2 * node + 1, self.NONE),
+        )
+
+    def _first(self, node: int, lo: int, hi: int, start: int, end: int) -> int:
+        if end < lo or hi < start or node not in self._min:
+            return self.NONE
+        if start <= lo and hi <= end:
+            return self._min[node]
+        mid = (lo + hi) // 2
+        return min(
+            self._tag.get(node, self.NONE),
+            self._first(2 * node, lo, mid, start, end),
+            self._first(2 * node + 1, mid + 1, hi, start, end),
+        )
 
 
 def format_errors(result: ParseResult, filename: str) -> list[str]:

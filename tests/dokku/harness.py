@@ -1,24 +1,27 @@
-"""Replays Dokku 0.38's docker-local deploy with real containers and the real trigger files.
+"""A Dokku 0.38 host's moving parts, following Dokku's source, with real containers.
 
-What Dokku does (plugins/scheduler-docker-local: scheduler-deploy,
-bin/scheduler-deploy-process-container, core-post-deploy), step by step:
-  post-extract APP TMP_WORK_DIR REV
-  per process type and index: docker-args-process-deploy APP SOURCE TAG PROC INDEX,
-      create + start APP.PROC.N.upcoming-RANDOM (Dokku's labels), check it,
-      then write CONTAINER.PROC.N and IP.PROC.N (PORT.web.N for web)
-  files of indexes beyond the new scale are removed
-  core-post-deploy: old APP.PROC.N -> APP.PROC.N.<epoch>, new -> APP.PROC.N
-      (nginx-vhosts fires proxy-build-config here)
-  post-deploy APP "" "" TAG
-  SIGTERM to the old containers (the harness lets the test choose when)
-Triggers run as the `dokku` user, with Dokku's argument order, reaching root only
-through the sudo-whitelisted helper installed by scripts/install-dokku-plugin.
-`plugn` is the one stand-in: it answers the three Dokku triggers the plugin asks
-(scheduler-detect, ports-get, git-get-property) from files the test writes.
+Every behaviour below is Dokku v0.38.27's; the comment next to it names the file and line
+(`git -C /work/.mirror/dokku+dokku/repo show v0.38.27:PATH`). What is *not* Dokku's:
+the builder does not build an image (every release runs the test image with its tag),
+and the process types of one deploy run one after another (Dokku runs the non-web ones
+in parallel, scheduler-deploy:79).
+
+- `plugn` is a stand-in for the real one: `plugn trigger NAME ARGS` runs the NAME file of
+  every enabled plugin in name order, all reading the same stdin, stdout concatenated, and
+  stops at the first one that fails with its exit code.
+- Dokku's own plugins are small stand-ins installed as enabled plugins beside natports:
+  `ports` (the map, the detected map, ports-get's fallback, ports-clear), `nginx-vhosts`
+  (the proxy type and its early proxy-build-config) and `scheduler` (scheduler-detect).
+- natports is installed the documented way: scripts/install-dokku-plugin, which calls a
+  `dokku` stand-in's plugin:install (a git clone into the plugin path, as Dokku does);
+  the triggers find the helper through what the installer wrote, nothing is injected.
+- Triggers run as the `dokku` user with DOKKU_PID set to a process that lives as long as
+  the Dokku command it stands for (`dokku`:58 exports it once per command).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import random
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,17 +39,93 @@ from tests.infra import NFT_TABLE, TEST_IMAGE, sh
 REPO = Path(__file__).resolve().parents[2]
 USER = "dokku"
 
-PLUGN = """#!/usr/bin/env bash
-# Stand-in for Dokku's plugn: answers the triggers natports' hooks ask.
+PLUGN = r"""#!/usr/bin/env bash
+# Stand-in for plugn: `plugn trigger NAME ARGS...` runs NAME of every enabled plugin in
+# name order with the same stdin, and stops at the first failure with its exit code.
+set -uo pipefail
+[[ "${1:-}" == trigger ]] || exit 1
+name="$2"
+shift 2
+for plugin in $(LC_ALL=C ls "$PLUGIN_ENABLED_PATH"); do
+  hook="$PLUGIN_ENABLED_PATH/$plugin/$name"
+  [[ -x "$hook" ]] || continue
+  "$hook" "$@" || exit "$?"
+done
+exit 0
+"""
+
+DOKKU = r"""#!/usr/bin/env bash
+# Stand-in for the `dokku` commands scripts/install-dokku-plugin and uninstall use
+# (Dokku v0.38.27 plugins/plugin: plugin:install clones a git URL into the plugin path and
+# fires install, plugin:update pulls and fires update, plugin:uninstall fires uninstall).
 set -euo pipefail
-[[ "$1" == trigger ]] || exit 1
-case "$2" in
-  scheduler-detect) cat "$HARNESS/scheduler/$3" 2>/dev/null || echo docker-local ;;
-  ports-get) cat "$HARNESS/ports/$3" 2>/dev/null || true ;;
-  git-get-property) cat "$HARNESS/source-image/$3" 2>/dev/null || true ;;
-  *) exit 0 ;;
+case "$1" in
+  plugin:list)
+    LC_ALL=C ls "$PLUGIN_ENABLED_PATH"
+    ;;
+  plugin:install)
+    url="$2" name="$4"
+    git clone -q "$url" "$PLUGIN_AVAILABLE_PATH/$name"
+    ln -s "$PLUGIN_AVAILABLE_PATH/$name" "$PLUGIN_ENABLED_PATH/$name"
+    plugn trigger install
+    ;;
+  plugin:update)
+    git -C "$PLUGIN_AVAILABLE_PATH/$2" pull -q
+    plugn trigger update
+    ;;
+  plugin:uninstall)
+    plugn trigger uninstall "$2"
+    rm -rf "$PLUGIN_ENABLED_PATH/$2" "$PLUGIN_AVAILABLE_PATH/$2"
+    ;;
+  *) exit 1 ;;
 esac
 """
+
+# Dokku's ports plugin, as far as natports meets it (plugins/ports/triggers.go).
+PORTS_PLUGIN = {
+    # :50-58: the configured map, else the detected one
+    "ports-get": r"""#!/usr/bin/env bash
+d="$DOKKU_LIB_ROOT/config/ports/$1"
+if [[ -s "$d/map" ]]; then cat "$d/map"
+elif [[ -s "$d/map-detected" ]]; then cat "$d/map-detected"; fi
+""",
+    # :102-115: any other key prints the property file as it is (fmt.Println adds a newline)
+    "ports-get-property": r"""#!/usr/bin/env bash
+[[ "$2" == map || "$2" == map-detected ]] || exit 0
+cat "$DOKKU_LIB_ROOT/config/ports/$1/$2" 2>/dev/null || true
+echo
+""",
+    # :118-132: one entry per line, sorted
+    "ports-set-detected": r"""#!/usr/bin/env bash
+mkdir -p "$DOKKU_LIB_ROOT/config/ports/$1"
+printf '%s\n' $2 | LC_ALL=C sort >"$DOKKU_LIB_ROOT/config/ports/$1/map-detected"
+""",
+    # :32-35 and functions.go:25-31: both maps go, and no post-proxy-ports-update fires
+    "ports-clear": r"""#!/usr/bin/env bash
+rm -f "$DOKKU_LIB_ROOT/config/ports/$1/map" "$DOKKU_LIB_ROOT/config/ports/$1/map-detected"
+""",
+}
+NGINX_PLUGIN = {
+    "proxy-type": r"""#!/usr/bin/env bash
+cat "$DOKKU_LIB_ROOT/config/proxy/$1" 2>/dev/null || echo nginx
+""",
+    # plugins/nginx-vhosts/scheduler-post-deploy-process:11-21: after the web containers
+    "scheduler-post-deploy-process": r"""#!/usr/bin/env bash
+[[ "$2" == web ]] || exit 0
+[[ "$(plugn trigger proxy-type "$1")" == nginx ]] || exit 0
+plugn trigger proxy-build-config "$1"
+""",
+    # plugins/nginx-vhosts/core-post-deploy:12-17 (before scheduler-docker-local's rename)
+    "core-post-deploy": r"""#!/usr/bin/env bash
+[[ "$(plugn trigger proxy-type "$1")" == nginx ]] || exit 0
+plugn trigger proxy-build-config "$1"
+""",
+}
+SCHEDULER_PLUGIN = {
+    "scheduler-detect": r"""#!/usr/bin/env bash
+cat "$DOKKU_LIB_ROOT/config/scheduler/$1" 2>/dev/null || echo docker-local
+""",
+}
 
 
 @dataclass
@@ -55,23 +134,30 @@ class DeployResult:
     output: str
     new: dict[str, list[str]] = field(default_factory=dict)  # proc -> container ids
     old: list[str] = field(default_factory=list)  # to be retired
+    created: int = 0  # containers created by this deploy
 
 
 class DokkuHost:
-    """A Dokku host's moving parts: the dokku user, DOKKU_ROOT, the installed plugin."""
+    """The dokku user, DOKKU_ROOT, the plugin path with natports installed by its installer."""
 
     def __init__(self) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="natports-dokku-"))
         self.base.chmod(0o755)
         self.created_user = False
         self.dokku_root = self.base / "home"
+        self.lib_root = self.base / "lib"
+        self.plugins = self.base / "plugins"
         self.state = self.base / "state"
         self.config = self.base / "natports.toml"
-        self.plugin = self.base / "plugin"
         self.bin = self.base / "bin"
         self.helper = Path(f"/usr/local/sbin/natports-dokku-test-{os.getpid()}")
         self.sudoers = Path(f"/etc/sudoers.d/natports-test-{os.getpid()}")
         self.containers: list[str] = []
+        self.proxy = "nginx"
+        self.build_dirs: dict[str, str] = {}
+        self.between_build_and_deploy: Callable[[], None] | None = None
+        self.before_post_deploy: Callable[[], None] | None = None
+        self.table_at_stop = ""
 
     # -- set-up and tear-down -------------------------------------------------------------
 
@@ -79,54 +165,92 @@ class DokkuHost:
         try:
             pwd.getpwnam(USER)
         except KeyError:
-            sh(
-                "useradd",
-                "--system",
-                "--user-group",
-                "--shell",
-                "/bin/bash",
-                "--home-dir",
-                str(self.dokku_root),
-                USER,
-            )
+            sh("useradd", "--system", "--user-group", "--shell", "/bin/bash", USER)
             self.created_user = True
-        self.dokku_root.mkdir()
+        for path in (self.dokku_root, self.lib_root, self.plugins / "available"):
+            path.mkdir(parents=True)
+        (self.plugins / "enabled").mkdir()
         shutil.chown(self.dokku_root, USER, USER)
-        for sub in ("ports", "scheduler", "source-image"):
-            (self.base / sub).mkdir()
-        # plugin:install copies the plugin: a copy the dokku user can read
-        shutil.copytree(REPO / "hooks", self.plugin)
+        shutil.chown(self.lib_root, USER, USER)
         self.bin.mkdir()
-        plugn = self.bin / "plugn"
-        plugn.write_text(PLUGN)
-        plugn.chmod(0o755)
+        for name, text in (("plugn", PLUGN), ("dokku", DOKKU)):
+            (self.bin / name).write_text(text)
+            (self.bin / name).chmod(0o755)
+        for name, triggers in (
+            ("nginx-vhosts", NGINX_PLUGIN),
+            ("ports", PORTS_PLUGIN),
+            ("scheduler", SCHEDULER_PLUGIN),
+        ):
+            folder = self.plugins / "available" / name
+            folder.mkdir()
+            for trigger, text in triggers.items():
+                (folder / trigger).write_text(text)
+                (folder / trigger).chmod(0o755)
+            (self.plugins / "enabled" / name).symlink_to(folder)
         self._installer("install-dokku-plugin")
 
     def install_again(self) -> None:
-        """An upgrade: the documented install command, run once more."""
+        """An upgrade: the documented install command, run once more (plugin:update)."""
         self._installer("install-dokku-plugin")
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": f"{self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "DOKKU_ROOT": str(self.dokku_root),
+            "DOKKU_LIB_ROOT": str(self.lib_root),
+            "PLUGIN_PATH": str(self.plugins),
+            "PLUGIN_AVAILABLE_PATH": str(self.plugins / "available"),
+            "PLUGIN_ENABLED_PATH": str(self.plugins / "enabled"),
+            "PLUGIN_CORE_AVAILABLE_PATH": str(self.plugins / "available"),
+            "DOKKU_NOT_IMPLEMENTED_EXIT": "10",
+        }
+
+    def _venv(self) -> Path:
+        """A venv the dokku user can run (read-source runs as dokku, not through sudo).
+
+        The test venv's interpreter may live where dokku cannot go (/root/.pyenv), so this
+        one is made from the system python and sees the test venv's packages and the repo.
+        """
+        venv = self.base / "venv"
+        if not venv.exists():
+            python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+            sh(python, "-m", "venv", "--without-pip", str(venv))
+            site = sh(
+                str(venv / "bin" / "python"),
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('purelib'))",
+            ).stdout.strip()
+            ours = sh(
+                sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
+            ).stdout.strip()
+            Path(site, "natports-test.pth").write_text(f"{REPO}\n{ours}\n")
+            script = venv / "bin" / "natports"
+            script.write_text(
+                f"#!{venv}/bin/python\nimport sys\nfrom natports.cli import main\n"
+                "sys.exit(main())\n"
+            )
+            script.chmod(0o755)
+        return venv
 
     def _installer(self, script: str, *args: str) -> None:
         env = {
             **os.environ,
-            "NATPORTS_VENV": sys.prefix,
+            **self._env(),
+            "NATPORTS_VENV": str(self._venv()),
             "NATPORTS_SKIP_PIP": "1",
             "NATPORTS_HELPER": str(self.helper),
             "NATPORTS_SUDOERS": str(self.sudoers),
             "NATPORTS_STATE_DIR": str(self.state),
             "NATPORTS_CONFIG": str(self.config),
-            "DOKKU_ROOT": str(self.dokku_root),
             "NATPORTS_NFT_TABLE": NFT_TABLE,
             "NATPORTS_SYSTEMD": "no",
-            "NATPORTS_PLUGIN_INSTALL": "no",
+            "NATPORTS_PLUGIN_INSTALL": "yes",
+            "NATPORTS_PLUGIN_SRC": str(self.base / "plugin-src"),
         }
-        subprocess.run(
-            [str(REPO / "scripts" / script), *args],
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
+        done = subprocess.run(
+            [str(REPO / "scripts" / script), *args], env=env, capture_output=True, text=True
         )
+        assert done.returncode == 0, done
 
     def remove(self) -> None:
         for cid in self.containers:
@@ -140,30 +264,72 @@ class DokkuHost:
                 sh("userdel", USER, check=False)
             shutil.rmtree(self.base, ignore_errors=True)
 
-    # -- Dokku's moving parts ------------------------------------------------------------------
+    @property
+    def plugin(self) -> Path:
+        """natports as plugin:install left it."""
+        return self.plugins / "available" / "natports"
+
+    # -- Dokku commands ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def command(self) -> Iterator[str]:
+        """One `dokku ...` invocation: DOKKU_PID is a process that lives as long as it."""
+        proc = subprocess.Popen(["sleep", "600"])
+        try:
+            yield str(proc.pid)
+        finally:
+            proc.kill()
+            proc.wait()
 
     def trigger(
-        self, name: str, *args: str, stdin: str = "", helper: Path | None = None
+        self, name: str, *args: str, stdin: str = "", pid: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run one of the plugin's trigger files as Dokku does: as dokku, Dokku's env."""
-        env = [
-            f"PATH={self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            f"DOKKU_ROOT={self.dokku_root}",
-            f"HARNESS={self.base}",
-            f"NATPORTS_HELPER={helper or self.helper}",
-            "DOKKU_NOT_IMPLEMENTED_EXIT=10",
-        ]
+        """`plugn trigger NAME ARGS` as Dokku runs it: as dokku, every enabled plugin."""
+        with contextlib.ExitStack() as stack:
+            dokku_pid = pid or stack.enter_context(self.command())
+            env = [f"{k}={v}" for k, v in self._env().items()] + [f"DOKKU_PID={dokku_pid}"]
+            return subprocess.run(
+                ["runuser", "-u", USER, "--", "env", "-i", *env, "plugn", "trigger", name, *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                cwd=self.base,
+            )
+
+    def subcommand(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`dokku natports:NAME ARGS` (Dokku runs subcommands/NAME with the command first)."""
+        env = [f"{k}={v}" for k, v in self._env().items()]
+        script = str(self.plugin / "subcommands" / name)
         return subprocess.run(
-            ["runuser", "-u", USER, "--", "env", "-i", *env, str(self.plugin / name), *args],
-            input=stdin,
+            ["runuser", "-u", USER, "--", "env", "-i", *env, script, f"natports:{name}", *args],
             capture_output=True,
             text=True,
             cwd=self.base,
         )
 
-    def set_ports_map(self, app: str, *entries: str) -> None:
-        """What `dokku ports:set APP ...` stores (and `ports-get` prints)."""
-        (self.base / "ports" / app).write_text("".join(f"{e}\n" for e in entries))
+    def ports_dir(self, app: str) -> Path:
+        path = self.lib_root / "config" / "ports" / app
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def set_ports_map(self, app: str, *entries: str) -> subprocess.CompletedProcess[str]:
+        """`dokku ports:set APP ...`: writes the map, then post-proxy-ports-update
+        (plugins/ports/subcommands.go:120-130)."""
+        (self.ports_dir(app) / "map").write_text("".join(f"{e}\n" for e in entries))
+        return self.trigger("post-proxy-ports-update", app, "set")
+
+    def ports_clear(self, app: str) -> subprocess.CompletedProcess[str]:
+        """What domains:enable/disable and proxy:enable/disable do with nginx
+        (plugins/nginx-vhosts/pre-disable-vhost:31, pre-enable-vhost:34): no update trigger."""
+        return self.trigger("ports-clear", app)
+
+    def ports_get(self, app: str) -> list[str]:
+        return self.trigger("ports-get", app).stdout.split()
+
+    def set_scheduler(self, app: str, scheduler: str) -> None:
+        folder = self.lib_root / "config" / "scheduler"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / app).write_text(scheduler + "\n")
 
     def app_dir(self, app: str) -> Path:
         path = self.dokku_root / app
@@ -184,62 +350,148 @@ class DokkuHost:
             found.setdefault(proc, []).append((int(index), f.read_text().strip()))
         return {p: [cid for _, cid in sorted(v)] for p, v in found.items()}
 
-    def deploy(
+    def git_push(
         self,
         app: str,
         tag: str,
-        ports_file: str | None,
+        files: dict[str, str | Callable[[Path], None]],
         scale: dict[str, int] | None = None,
-        extract: bool = True,
+        build_fails: bool = False,
     ) -> DeployResult:
-        """One deploy (extract=False: ps:restart, ps:scale: no new source, same sequence)."""
-        scale = scale or {"web": 1}
+        """`git push`: extract, build, release and deploy in one Dokku command.
+
+        plugins/git/functions: git_build_app_repo (:9-30) checks the source out into a
+        work dir, git_trigger_build (:32-57) runs core-post-extract (checked) and
+        post-extract (not checked: its failure is ignored, and git_receive_app runs the
+        whole build from `||`, :144), then dokku_receive -> dokku_build (builder-build,
+        which runs pre-build first) -> release-and-deploy (common/functions:622-716).
+        `files` maps a name to its text, or to a function that makes it (symlinks, FIFOs).
+        """
+        with self.command() as pid:
+            work = Path(tempfile.mkdtemp(prefix=f"dokku-{pid}-git_build_app_repo.", dir="/tmp"))
+            try:
+                work.chmod(0o755)
+                for name, content in files.items():
+                    path = work / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if callable(content):
+                        content(path)
+                    else:
+                        path.write_text(content)
+                for path in [work, *work.rglob("*")]:
+                    os.lchown(path, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
+                return self._build_and_deploy(app, tag, work, pid, scale, build_fails)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _build_and_deploy(
+        self,
+        app: str,
+        tag: str,
+        work: Path,
+        pid: str,
+        scale: dict[str, int] | None,
+        build_fails: bool,
+    ) -> DeployResult:
         output: list[str] = []
-        if extract:
-            work = self.base / f"tmp-{app}-{random.randrange(1 << 30)}"
-            work.mkdir()
-            shutil.chown(work, USER, USER)
-            if ports_file is not None:
-                self._write(work / "PORTS", ports_file)
-            done = self.trigger("post-extract", app, str(work), "deadbeef")
-            shutil.rmtree(work)
-            output.append(done.stdout + done.stderr)
-            if done.returncode != 0:
-                return DeployResult(False, "".join(output))
+        build_dir = self.build_dirs.get(app)
+        if build_dir:  # builder core-post-extract (plugins/builder/triggers.go:69-101)
+            keep = Path(tempfile.mkdtemp(dir="/tmp"))
+            shutil.copytree(work / build_dir, keep, dirs_exist_ok=True, symlinks=True)
+            for entry in work.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            shutil.copytree(keep, work, dirs_exist_ok=True, symlinks=True)
+            shutil.rmtree(keep)
+        extract = self.trigger("post-extract", app, str(work), "deadbeef", pid=pid)
+        output.append(extract.stdout + extract.stderr)  # exit code ignored (git/functions:40)
+        # builder-build, e.g. plugins/builder-dockerfile/builder-build:33 (top level, set -e)
+        builder = "dockerfile" if (work / "Dockerfile").exists() else "herokuish"
+        pre = self.trigger("pre-build", builder, app, str(work), pid=pid)
+        output.append(pre.stdout + pre.stderr)
+        if pre.returncode != 0 or build_fails:
+            output.append(" !     App build failed\n")  # common/functions:640
+            return DeployResult(False, "".join(output))
+        self.trigger("ports-set-detected", app, _detected_ports(work), pid=pid)
+        if self.between_build_and_deploy is not None:
+            self.between_build_and_deploy()
+        result = self.release_and_deploy(app, tag, scale, pid=pid)
+        result.output = "".join(output) + result.output
+        return result
+
+    def git_from_image(self, app: str, tag: str, image: str) -> DeployResult:
+        """git:from-image: a work dir with only the Dockerfile Dokku writes
+        (plugins/git/git-from-image:24-26), then the same build as a push."""
+        label = f'LABEL com.dokku.docker-image-labeler/alternate-tags=[\\"{image}\\"]'
+        return self.git_push(app, tag, {"Dockerfile": f"FROM {image}\n{label}\n"})
+
+    def release_and_deploy(
+        self, app: str, tag: str, scale: dict[str, int] | None = None, pid: str | None = None
+    ) -> DeployResult:
+        """scheduler-deploy (plugins/scheduler-docker-local/scheduler-deploy); also what
+        ps:restart, ps:scale and ps:start run, without a build (then in a command of its own)."""
+        with contextlib.ExitStack() as stack:
+            pid = pid or stack.enter_context(self.command())
+            return self._deploy(app, tag, scale or {"web": 1}, pid)
+
+    def _deploy(self, app: str, tag: str, scale: dict[str, int], pid: str) -> DeployResult:
+        output: list[str] = []
         app_dir = self.app_dir(app)
         old_files = self.current(app)
         result = DeployResult(True, "")
-        for proc, count in scale.items():
+        # web first and alone, the other types after it (scheduler-deploy:55-79)
+        for proc in sorted(scale, key=lambda p: (p != "web", p)):
+            count = scale[proc]
+            # once per type, before any container of it: bin/scheduler-deploy-process:54-56
+            once = self.trigger("docker-args-process-deploy", app, "dockerfile", tag, proc, pid=pid)
+            output.append(once.stderr)
+            if once.returncode != 0:
+                return DeployResult(False, "".join(output), result.new, [], result.created)
             ids = []
             for index in range(1, count + 1):
+                # per container: bin/scheduler-deploy-process-container:27
                 args = self.trigger(
-                    "docker-args-process-deploy",
-                    app,
-                    "dockerfile",
-                    f"dokku/{app}:{tag}",
-                    proc,
-                    str(index),
+                    "docker-args-process-deploy", app, "dockerfile", tag, proc, str(index), pid=pid
                 )
-                assert args.returncode == 0, args
-                cid = self._start(app, proc, index, f"{tag}.{proc}.{index}", args.stdout.split())
+                output.append(args.stderr)
+                if args.returncode != 0:
+                    return DeployResult(False, "".join(output), result.new, [], result.created)
+                # the container gets the per-container call's args; the once-per-type
+                # output only feeds the "publishing ports" warning (:58-79)
+                argv = args.stdout.split()
+                cid = self._create(app, proc, index, f"{tag}.{proc}.{index}", argv)
+                result.created += 1
+                # :76-77: post-container-create, then start
+                self.trigger("post-container-create", "app", cid, app, "deploy", proc, pid=pid)
+                sh("docker", "container", "start", cid)
                 ids.append(cid)
                 previous = old_files.get(proc, [])
                 if index <= len(previous):
                     result.old.append(previous[index - 1])
-                self._write(app_dir / f"CONTAINER.{proc}.{index}", cid + "\n")
+                # :113-114 and network-write-*: the files hold no trailing newline
+                self._write(app_dir / f"CONTAINER.{proc}.{index}", cid)
                 ip = sh(
                     "docker", "inspect", "-f", "{{.NetworkSettings.Networks.bridge.IPAddress}}", cid
                 ).stdout.strip()
-                self._write(app_dir / f"IP.{proc}.{index}", ip + "\n")
+                self._write(app_dir / f"IP.{proc}.{index}", ip)
                 if proc == "web":
-                    self._write(app_dir / f"PORT.{proc}.{index}", "5000\n")
+                    self._write(app_dir / f"PORT.{proc}.{index}", "5000")
             result.new[proc] = ids
+            # scale-down removes the files beyond the count (bin/scheduler-deploy-process:90-110)
             for index, cid in enumerate(old_files.get(proc, []), start=1):
-                if index > count:  # scaled down: Dokku deletes these files
+                if index > count:
                     result.old.append(cid)
                     for kind in ("CONTAINER", "IP", "PORT"):
                         (app_dir / f"{kind}.{proc}.{index}").unlink(missing_ok=True)
-        # core-post-deploy
+            # :85: nginx rebuilds its config early, after the web containers
+            post = self.trigger("scheduler-post-deploy-process", app, proc, pid=pid)
+            output.append(post.stdout + post.stderr)
+        # core-post-deploy (scheduler-deploy:82): plugins in name order, so nginx-vhosts'
+        # proxy-build-config runs before scheduler-docker-local renames the containers
+        core = self.trigger("core-post-deploy", app, "", "", tag, pid=pid)
+        output.append(core.stdout + core.stderr)
         epoch = str(int(time.time()))
         for proc, ids in result.new.items():
             for index, cid in enumerate(ids, start=1):
@@ -247,21 +499,26 @@ class DokkuHost:
                 if sh("docker", "inspect", final, check=False).returncode == 0:
                     sh("docker", "rename", final, f"{final}.{epoch}")
                 sh("docker", "rename", cid, final)
-        pbc = self.trigger("proxy-build-config", app)
-        output.append(pbc.stdout + pbc.stderr)
-        done = self.trigger("post-deploy", app, "", "", tag)
+        if self.before_post_deploy is not None:
+            self.before_post_deploy()
+        # scheduler-deploy:83, under set -eo pipefail: a failure skips the retirement
+        done = self.trigger("post-deploy", app, "", "", tag, pid=pid)
         output.append(done.stdout + done.stderr)
         result.ok = done.returncode == 0
+        if not result.ok:
+            result.old = []
         result.output = "".join(output)
         return result
 
-    def _start(self, app: str, proc: str, index: int, tag: str, args: Sequence[str]) -> str:
+    def _create(self, app: str, proc: str, index: int, tag: str, args: Sequence[str]) -> str:
+        """`docker container create` with Dokku's labels (scheduler-deploy:21,
+        bin/scheduler-deploy-process-container)."""
         ports = [a.split("::")[1].split("/")[0] for a in args if a.startswith("127.0.0.1::")]
-        publish = [a for a in args if a != "-p"]
+        publish = [a for a in args if a.startswith("127.0.0.1::")]
         argv = [
             "docker",
-            "run",
-            "-d",
+            "container",
+            "create",
             "--pull",
             "never",
             "--name",
@@ -281,6 +538,44 @@ class DokkuHost:
         self.containers.append(cid)
         return cid
 
+    def ps_stop(self, app: str) -> subprocess.CompletedProcess[str]:
+        """ps:stop: scheduler-stop (natports before scheduler-docker-local stops the
+        containers, plugins/scheduler-docker-local/scheduler-stop:21-40), then post-stop.
+        Returns scheduler-stop's result; `table_at_stop` is the table while they still ran."""
+        with self.command() as pid:
+            stop = self.trigger("scheduler-stop", "docker-local", app, pid=pid)
+            self.table_at_stop = self.table()
+            for ids in self.current(app).values():
+                for cid in ids:
+                    sh("docker", "container", "stop", "-t", "1", cid)
+            self.trigger("post-stop", app, pid=pid)
+            return stop
+
+    def apps_clone(
+        self, old: str, new: str, files: dict[str, str | Callable[[Path], None]]
+    ) -> DeployResult:
+        """apps:clone: the ports plugin copies the map (plugins/ports/triggers.go:135-143),
+        post-app-clone-setup fires (plugins/apps/subcommands.go:44-51), then post-app-clone
+        rebuilds the clone from the same repository: its PORTS included."""
+        source = self.ports_dir(old)
+        for name in ("map", "map-detected"):
+            if (source / name).exists():
+                shutil.copy(source / name, self.ports_dir(new) / name)
+        setup = self.trigger("post-app-clone-setup", old, new)
+        result = self.git_push(new, "c1", files)
+        result.output = setup.stdout + setup.stderr + result.output
+        return result
+
+    def apps_destroy(self, app: str) -> subprocess.CompletedProcess[str]:
+        """apps:destroy: scheduler-stop with REMOVE, containers go, then post-delete."""
+        with self.command() as pid:
+            self.trigger("scheduler-stop", "docker-local", app, "true", pid=pid)
+            for ids in self.current(app).values():
+                for cid in ids:
+                    sh("docker", "rm", "-f", cid, check=False)
+            shutil.rmtree(self.dokku_root / app, ignore_errors=True)
+            return self.trigger("post-delete", app, "latest", pid=pid)
+
     def retire(self, ids: Sequence[str]) -> None:
         """Dokku's retirement: SIGTERM (echod exits at once, like an app that drained)."""
         for cid in ids:
@@ -295,3 +590,26 @@ class DokkuHost:
 
     def table(self) -> str:
         return sh("nft", "list", "table", "inet", NFT_TABLE, check=False).stdout
+
+    def stored(self, app: str) -> str | None:
+        path = self.state / "apps" / f"{app}.json"
+        return path.read_text() if path.exists() else None
+
+
+def _detected_ports(work: Path) -> str:
+    """ports-set-detected's argument: `udp:P:P` / `http:P:P` from EXPOSE, else http:80:5000
+    (plugins/builder-dockerfile/internal-functions fn-builder-dockerfile-get-detect-port-map;
+    builder-herokuish/builder-build:107)."""
+    dockerfile = work / "Dockerfile"
+    exposed: list[str] = []
+    if dockerfile.is_file() and not dockerfile.is_symlink():
+        for line in dockerfile.read_text().splitlines():
+            if line.upper().startswith("EXPOSE "):
+                exposed += line.split()[1:]
+    entries = []
+    for port in exposed:
+        number = port.split("/")[0]
+        entries.append(
+            f"udp:{number}:{number}" if port.endswith("/udp") else f"http:{number}:{number}"
+        )
+    return " ".join(entries) or "http:80:5000"

@@ -8,7 +8,13 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
-from natports.containers import ContainerInfo, container_files, newest_release, parse_inspect
+from natports.containers import (
+    ContainerInfo,
+    container_files,
+    current_containers,
+    newest_release,
+    parse_inspect,
+)
 from natports.model import Protocol
 
 TCP = Protocol.TCP
@@ -114,6 +120,7 @@ def test_a_running_web_container_on_the_default_bridge() -> None:
         app="mail",
         pid=41231,
         started_at="2024-05-01T10:00:01.5Z",
+        container_type="deploy",
     )
 
 
@@ -244,7 +251,9 @@ def test_parse_inspect_does_not_change_its_input() -> None:
 # -- newest_release ---------------------------------------------------------------------------
 
 
-def info(name: str, created: str, image: str, running: bool = True) -> ContainerInfo:
+def info(
+    name: str, created: str, image: str, running: bool = True, kind: str | None = "deploy"
+) -> ContainerInfo:
     return ContainerInfo(
         id=f"id-{name}",
         name=name,
@@ -256,6 +265,7 @@ def info(name: str, created: str, image: str, running: bool = True) -> Container
         published=frozenset({(5025, TCP)}),
         created=created,
         image=image,
+        container_type=kind,
     )
 
 
@@ -356,3 +366,66 @@ def test_container_files_of_an_app_without_containers(tmp_path: Path) -> None:
     (tmp_path / "mail").mkdir()
     (tmp_path / "mail" / "ENV").write_text("")
     assert container_files(tmp_path, "mail") == {}
+
+
+# -- Dokku's facts: initial network, `dokku run` containers, scale to 0 ------------------------
+
+
+def test_the_initial_network_wins_over_the_bridge() -> None:
+    """`network:set APP initial-network appnet`: Dokku reads the address there
+    (plugins/network/network.go:119-128), not on the bridge or the first name."""
+    data = inspect()
+    data["HostConfig"]["NetworkMode"] = "appnet"
+    data["NetworkSettings"]["Networks"]["appnet"] = {"IPAddress": "10.0.1.5", "IPPrefixLen": 24}
+    data["NetworkSettings"]["Networks"]["aaa"] = {"IPAddress": "10.0.0.5", "IPPrefixLen": 24}
+    info = parse_inspect(data)
+    assert info.ipv4 == IPv4Address("10.0.1.5")
+    assert info.subnets == ("10.0.1.0/24",)
+
+
+def test_without_an_initial_network_the_bridge_wins_over_names() -> None:
+    data = inspect()
+    data["HostConfig"]["NetworkMode"] = "default"
+    data["NetworkSettings"]["Networks"]["aaa"] = {"IPAddress": "10.0.0.5", "IPPrefixLen": 24}
+    assert parse_inspect(data).ipv4 == IPv4Address("172.17.0.5")
+
+
+def test_dokku_run_containers_are_never_the_newest_release() -> None:
+    deployed = info("mail.web.1", "2024-05-01T10:00:00.1Z", "sha256:new")
+    one_off = info("mail.run.1", "2024-05-01T12:00:00.1Z", "sha256:new", kind="run")
+    assert newest_release([deployed, one_off]) == [deployed]
+    assert newest_release([one_off]) == []
+
+
+class FakeDocker:
+    """Only for current_containers' choice between files, scale 0 and labels."""
+
+    def __init__(self, labelled: list[ContainerInfo]) -> None:
+        self._labelled = labelled
+        self.asked: list[str] = []
+
+    def inspect(self, ref: str) -> ContainerInfo:
+        return info(ref, "2024-05-01T10:00:00.1Z", "sha256:new")
+
+    def labelled(self, app: str, process_type: str) -> list[ContainerInfo]:
+        self.asked.append(process_type)
+        return self._labelled
+
+
+def test_a_dokku_app_without_files_for_a_type_runs_none_of_it(tmp_path: Path) -> None:
+    """Scaled to 0: the labelled containers of that type are old ones draining."""
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "CONTAINER.web.1").write_text("aaaaaaaaaaa1")
+    draining = info("mail.worker.1.1714560000", "2024-05-01T11:00:00.5Z", "sha256:old")
+    docker = FakeDocker([draining])
+    found = current_containers(docker, tmp_path, "mail", ["web", "worker"])  # type: ignore[arg-type]
+    assert found["worker"] == [] and [c.id for c in found["web"]] == ["id-aaaaaaaaaaa1"]
+    assert docker.asked == []
+
+
+def test_outside_dokku_the_labels_choose_and_nothing_found_is_absent(tmp_path: Path) -> None:
+    running = info("mail.web.1", "2024-05-01T11:00:00.5Z", "sha256:new")
+    assert current_containers(FakeDocker([running]), tmp_path, "mail", ["web"]) == {  # type: ignore[arg-type]
+        "web": [running]
+    }
+    assert current_containers(FakeDocker([]), tmp_path, "mail", ["web"]) == {}  # type: ignore[arg-type]

@@ -226,9 +226,13 @@ def test_a_missing_process_type() -> None:
     assert problems([Mapping(25, 5025, process_type="worker")], {"web": [container("c1")]}) == [
         'app "mail": no running container for process type "worker" (needed by 25/tcp)'
     ]
-    assert problems([Mapping(25, 5025, process_type="worker")], {"worker": []}) == [
-        'app "mail": no running container for process type "worker" (needed by 25/tcp)'
-    ]
+
+
+def test_a_process_type_known_to_run_no_container_routes_nothing() -> None:
+    """Dokku scaled it to 0 (no CONTAINER files): nothing to route, not a problem."""
+    mappings = [Mapping(25, 5025), Mapping(26, 5026, process_type="worker")]
+    routes = build_routes("mail", mappings, {"web": [container("c1")], "worker": []})
+    assert [r.key.public_port for r in routes] == [25]
 
 
 def test_an_ipv6_mapping_without_ipv6_containers() -> None:

@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natports.model import PORT_MAX, PORT_MIN, PROCESS_TYPE_RE, IPAddress, Mapping, Protocol
-from natports.spec import Located, ParseResult, SpecError, format_errors, parse_bytes, parse_text
+from natports.spec import (
+    Located,
+    ParseResult,
+    SpecError,
+    excerpt,
+    format_errors,
+    overlaps,
+    parse_bytes,
+    parse_text,
+)
 
 TCP = Protocol.TCP
 UDP = Protocol.UDP
@@ -242,7 +251,7 @@ def test_different_protocols_or_addresses_do_not_overlap() -> None:
         ("/udp", "PORTS:1:1: expected PUBLIC:PRIVATE"),
         (
             "[2001:db8::7]:25:5025:1",
-            'PORTS:1:15: expected PUBLIC:PRIVATE, got "[2001:db8::7]:25:5025:1"',
+            'PORTS:1:15: expected PUBLIC:PRIVATE, got "[2001:db8::7..."',  # an excerpt
         ),
         ("worker:25:5025", 'PORTS:1:1: "worker" is not an IP address'),
         ("worker: ", "PORTS:1:9: expected PUBLIC:PRIVATE"),
@@ -251,10 +260,13 @@ def test_different_protocols_or_addresses_do_not_overlap() -> None:
         ("25:5025  udp  # comment", 'PORTS:1:10: unexpected "udp" after the mapping'),
         ("25 : 5025", 'PORTS:1:4: unexpected ": 5025" after the mapping'),
         # process types
-        ("w" * 64 + ": 25:5025", 'PORTS:1:1: process type "' + "w" * 64 + '" is too long (max 63)'),
+        (
+            "w" * 64 + ": 25:5025",
+            'PORTS:1:1: process type "' + "w" * 12 + '..." is too long (max 63)',
+        ),
         (
             "  " + "w" * 70 + ": 25:5025",
-            f'PORTS:1:3: process type "{"w" * 70}" is too long (max 63)',
+            f'PORTS:1:3: process type "{"w" * 12}..." is too long (max 63)',
         ),
     ],
 )
@@ -547,3 +559,54 @@ def test_ip_address_parsing_is_canonical() -> None:
     # `[2001:db8:0::7]` and `[2001:db8::7]` are the same address, so the same mapping
     assert only("[2001:db8:0::7]:25:5025") == only("[2001:db8::7]:25:5025")
     assert only("[2001:db8::7]:25:5025").public_ip == ip_address("2001:db8::7")
+
+
+def test_errors_quote_only_a_short_excerpt_of_the_line() -> None:
+    """A PORTS that is really another file (an app's ENV) must not be echoed back."""
+    secret = "DATABASE_URL=postgres://user:hunter2@db/app"
+    shown = errors(f"25:5025 {secret}\n{secret}\n")
+    assert shown == [
+        'PORTS:1:9: unexpected "DATABASE_URL..." after the mapping',
+        'PORTS:2:24: unknown protocol "/user:hunter..." (expected tcp or udp)',
+    ]
+    assert not any("hunter2" in line or "postgres" in line for line in shown)
+    assert excerpt("a\x1b[2Jb") == "a\\x1b[2Jb"
+
+
+def test_duplicates_of_a_large_file_are_found_in_n_log_n() -> None:
+    """16,000 lines (the 64 KiB cap's order) with overlaps: linear-ish, not quadratic."""
+    lines = [f"{port}:{port}" for port in range(1, 16001)] + ["1-65535:1-65535/udp", "5:5/udp"]
+    lines.append("203.0.113.7:7:7")
+    result = parse_text("\n".join(lines))
+    assert [e.message for e in result.errors] == [
+        "public port 5/udp overlaps 1-65535/udp on line 16001",
+        "public port 203.0.113.7:7/tcp overlaps 7/tcp on line 7",
+    ]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 40),
+            st.integers(0, 5),
+            st.sampled_from([None, "203.0.113.7", "203.0.113.8"]),
+            st.sampled_from(["tcp", "udp"]),
+        ),
+        max_size=25,
+    )
+)
+def test_duplicates_match_the_pairwise_definition(
+    items: list[tuple[int, int, str | None, str]],
+) -> None:
+    text = "\n".join(
+        f"{'' if ip is None else ip + ':'}{start}-{start + extra}:{start}-{start + extra}/{proto}"
+        for start, extra, ip, proto in items
+    )
+    located = list(parse_text(text).mappings)
+    expected = []
+    for i, later in enumerate(located):
+        first = next((e for e in located[:i] if overlaps(e.mapping, later.mapping)), None)
+        if first is not None:
+            expected.append((later.line, first.line))
+    found = [(e.line, int(e.message.rsplit(" ", 1)[1])) for e in parse_text(text).errors]
+    assert found == expected
