@@ -369,3 +369,34 @@ def dokku_files(root: Path, app: str, **procs: Sequence[ContainerInfo]) -> None:
     for proc, found in procs.items():
         for n, c in enumerate(found, start=1):
             (folder / f"CONTAINER.{proc}.{n}").write_text(c.id + "\n")
+
+
+def patch_cli(monkeypatch: Any, world: World) -> None:
+    """Every Context the CLI makes gets `world`'s fakes (the store is its --state-dir's)."""
+    real = engine.Context
+
+    def make(*args: Any, **kwargs: Any) -> engine.Context:
+        ctx = real(*args, **kwargs)
+        ctx._docker = world.docker  # type: ignore[assignment]
+        ctx._backends.update(world.backends)
+        ctx.conntrack = world.conntrack  # type: ignore[assignment]
+        if ctx.backend_choice == "auto":
+            ctx._resolved = "nftables"
+        return ctx
+
+    monkeypatch.setattr(engine, "Context", make)
+    monkeypatch.setattr("natports.listeners.host_listeners", lambda *a: [])
+
+
+def cli_args(root: Path) -> list[str]:
+    """The global options that point the CLI at a World made by `make_context(root)`."""
+    return [
+        "--state-dir",
+        str(root / "state"),
+        "--dokku-root",
+        str(root / "dokku"),
+        "--config",
+        str(root / "natports.toml"),
+        "--nft-table",
+        "natports_test",
+    ]
