@@ -400,3 +400,80 @@ def cli_args(root: Path) -> list[str]:
         "--nft-table",
         "natports_test",
     ]
+
+
+_TOOL = """#!/bin/sh
+# A fake {name}: records its arguments and stdin, answers from files keyed by its arguments.
+dir='{dir}'
+touch "$dir/{name}.calls"
+n=$(( $(wc -l < "$dir/{name}.calls") + 1 ))
+printf '%s\\n' "$*" >> "$dir/{name}.calls"
+cat > "$dir/{name}.stdin.$n"
+key=$(printf '%s' "$*" | tr -c 'A-Za-z0-9' '_')
+for base in "$dir/{name}.$key" "$dir/{name}.default"; do
+    if [ -e "$base.rc" ] || [ -e "$base.out" ] || [ -e "$base.err" ]; then
+        [ -e "$base.out" ] && cat "$base.out"
+        [ -e "$base.err" ] && cat "$base.err" >&2
+        exit "$(cat "$base.rc" 2>/dev/null || echo 0)"
+    fi
+done
+exit 0
+"""
+
+
+class FakeTool:
+    """An executable on PATH standing in for nft, iptables-*-restore/-save, conntrack...
+
+    `answer(args, out=..., err=..., rc=...)` sets what it prints for exactly these
+    arguments (None: for any); `calls` and `stdin(n)` tell what it was asked.
+    """
+
+    def __init__(self, bin_dir: Path, name: str) -> None:
+        import re
+
+        self._re = re
+        self.dir = bin_dir
+        self.name = name
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        path = bin_dir / name
+        path.write_text(_TOOL.format(name=name, dir=bin_dir))
+        path.chmod(0o755)
+
+    def answer(
+        self, args: Sequence[str] | None, out: str = "", err: str = "", rc: int = 0
+    ) -> FakeTool:
+        key = "default" if args is None else self._re.sub(r"[^A-Za-z0-9]", "_", " ".join(args))
+        base = self.dir / f"{self.name}.{key}"
+        base.with_name(base.name + ".out").write_text(out)
+        base.with_name(base.name + ".err").write_text(err)
+        base.with_name(base.name + ".rc").write_text(str(rc))
+        return self
+
+    @property
+    def calls(self) -> list[str]:
+        try:
+            return (self.dir / f"{self.name}.calls").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def stdin(self, n: int) -> str:
+        """What call number n (1-based) read on stdin."""
+        return (self.dir / f"{self.name}.stdin.{n}").read_text()
+
+
+def only_fake_tools(tmp: Path, monkeypatch: Any) -> Path:
+    """PATH holds the fakes a test makes (returned dir) and the few tools they run.
+
+    Nothing else: a real nft, iptables or conntrack on this host is never found.
+    """
+    import shutil
+
+    bin_dir, helpers = tmp / "bin", tmp / "helpers"
+    bin_dir.mkdir()
+    helpers.mkdir()
+    for tool in ("cat", "wc", "tr", "touch"):
+        found = shutil.which(tool)
+        assert found, tool
+        (helpers / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{helpers}")
+    return bin_dir
