@@ -209,6 +209,16 @@ def test_inspected_containers_are_watched_by_pid(world: World) -> None:
     assert agent._dead_in_proc() == set()
 
 
+def test_process_start_time_reads_field_22(tmp_path: Path) -> None:
+    (tmp_path / "7").mkdir()
+    fields = " ".join(str(n) for n in range(3, 23))  # fields 3..22 after "7 (comm)"
+    (tmp_path / "7" / "stat").write_text(f"7 (a (tricky) name) {fields}\n")
+    assert agent_module.process_start_time(7, tmp_path) == 22
+    (tmp_path / "7" / "stat").write_text("7 (short) S 1\n")
+    assert agent_module.process_start_time(7, tmp_path) is None
+    assert agent_module.process_start_time(8, tmp_path) is None
+
+
 def test_agent_state_needs_a_fresh_heartbeat_of_a_live_process(tmp_path: Path) -> None:
     path = tmp_path / "agent.json"
     assert agent_state(tmp_path) is None

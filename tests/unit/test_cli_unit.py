@@ -166,6 +166,29 @@ def test_status_table_json_and_agent_line(run: Run, world: World) -> None:
     assert row["public_port"] == 25 and row["backend"] == "nftables"
 
 
+def test_status_warns_of_a_host_listener_and_shows_a_proxied_route(
+    run: Run, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ipaddress import ip_address
+
+    from natports.model import Protocol, RouteKey
+    from natports.policy import Listener
+    from natports.store import Applied
+    from tests.unit.routes import route
+
+    run("ports", "set", "mail", stdin="25:5025\n")
+    mail(world, "172.17.0.2")
+    run("apply")
+    shop = route("shop", RouteKey(4, Protocol.TCP, 8080), 5000, "172.17.0.8")
+    world.ctx.store.set_applied("shop", Applied("proxy", (shop,)))
+    exim = Listener(Protocol.TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)")
+    monkeypatch.setattr("natports.listeners.host_listeners", lambda *a: [exim])
+    lines = run("status").output.splitlines()
+    proxied = next(line for line in lines if line.startswith("shop"))
+    assert proxied.split()[-3:] == ["-", "-", "-"]  # no kernel counters or flows
+    assert lines[-1].startswith('warning: port 25/tcp is routed to app "mail", but exim4')
+
+
 def test_status_shows_a_live_agent(run: Run, world: World, tmp_path: Path) -> None:
     import os
     import time

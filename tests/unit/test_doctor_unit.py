@@ -107,6 +107,15 @@ def test_check_cap_net_admin_reads_the_effective_set(proc: Path) -> None:
     assert doctor.check_cap_net_admin().ok
 
 
+def test_legacy_tables_count_only_when_their_module_is_loaded(proc: Path) -> None:
+    assert doctor._legacy_loaded() is False
+    (proc / "net").mkdir()
+    (proc / "net" / "ip_tables_names").write_text("")
+    assert doctor._legacy_loaded() is False
+    (proc / "net" / "ip_tables_names").write_text("nat\nfilter\n")
+    assert doctor._legacy_loaded() is True
+
+
 def test_check_ip_forward(proc: Path) -> None:
     assert not doctor.check_ip_forward().ok
     (proc / "sys/net/ipv4/ip_forward").write_text("0\n")

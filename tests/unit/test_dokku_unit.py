@@ -128,7 +128,7 @@ def test_a_stage_left_by_a_build_that_is_over_is_dropped_not_promoted(world: Wor
     assert warnings == []  # the stage's build (this process) still runs: kept
     record = world.ctx.store.document(dokku.STAGED, "mail")
     assert record is not None
-    world.ctx.store.set_document(dokku.STAGED, "mail", {**record, "build": "x:1:gone"})
+    world.ctx.store.set_document(dokku.STAGED, "mail", {**record, "build": "not-a-key"})
     _, warnings = dokku.promote(world.ctx, "mail", None, BUILD)
     assert warnings == ["dropped the PORTS staged by an earlier build that never deployed"]
     assert world.nft.ports() == {25: ["172.17.0.2"]}
@@ -249,34 +249,69 @@ def test_a_bad_image_is_refused(world: World) -> None:
         dokku.read_ports_from_image(world.ctx, "nope")
 
 
+def tar_of(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def symlink_tar() -> bytes:
+    info = tarfile.TarInfo("PORTS")
+    info.type = tarfile.SYMTYPE
+    info.linkname = "/etc/shadow"
+    return tar_of(info)
+
+
+def oversize_member_tar() -> bytes:
+    info = tarfile.TarInfo("PORTS")
+    info.size = 70 * 1024
+    return tar_of(info, b"#" * info.size)
+
+
+class ArchiveApi:
+    """An image whose PORTS archive is what a test says."""
+
+    def __init__(self, archive: list[bytes]) -> None:
+        self.archive = archive
+
+    def inspect_image(self, image: str) -> dict[str, object]:
+        return {}
+
+    def create_container(self, image: str, **_: object) -> dict[str, str]:
+        return {"Id": "t"}
+
+    def get_archive(self, ident: str, path: str) -> tuple[list[bytes], dict[str, object]]:
+        return self.archive, {}
+
+    def remove_container(self, ident: str, force: bool = False) -> None:
+        pass
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="read_ports_from_image wraps its own InputError into NatportsError (exit 1, and "
     "stage() then keeps an older stage): InputError is not a NatportsError",
 )
-def test_a_ports_in_an_image_that_is_not_a_small_regular_file_is_refused(world: World) -> None:
-    class LinkApi:
-        def inspect_image(self, image: str) -> dict[str, object]:
-            return {}
-
-        def create_container(self, image: str, **_: object) -> dict[str, str]:
-            return {"Id": "t"}
-
-        def get_archive(self, ident: str, path: str) -> tuple[list[bytes], dict[str, object]]:
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                info = tarfile.TarInfo("PORTS")
-                info.type = tarfile.SYMTYPE
-                info.linkname = "/etc/shadow"
-                tar.addfile(info)
-            return [buf.getvalue()], {}
-
-        def remove_container(self, ident: str, force: bool = False) -> None:
-            pass
-
-    world.docker.api = LinkApi()  # type: ignore[assignment]
-    with pytest.raises(InputError, match="not a regular file"):
+@pytest.mark.parametrize(
+    ("archive", "why"),
+    [
+        ([symlink_tar()], "not a regular file"),
+        ([oversize_member_tar()], "larger than"),
+        ([b"\0" * 50_000] * 3, "larger than"),  # a stream past any one-file tar
+    ],
+)
+def test_a_ports_in_an_image_that_is_not_a_small_regular_file_is_refused(
+    world: World, archive: list[bytes], why: str
+) -> None:
+    world.docker.api = ArchiveApi(archive)  # type: ignore[assignment]
+    with pytest.raises(InputError, match=why):
         dokku.read_ports_from_image(world.ctx, "mail:v2")
+
+
+def test_an_empty_archive_means_no_ports(world: World) -> None:
+    world.docker.api = ArchiveApi([b"\0" * 1024])  # type: ignore[assignment]
+    assert dokku.read_ports_from_image(world.ctx, "mail:v2") is None
 
 
 # -- the build's work dir, read as the dokku user ----------------------------------------------
@@ -306,6 +341,18 @@ def test_read_build_source(tmp_path: Path) -> None:
         dokku.read_build_source(work)
     with pytest.raises(InputError, match="cannot open the build's work dir"):
         dokku.read_build_source(tmp_path / "missing")
+
+
+def test_a_dockerfile_that_is_not_a_small_regular_file_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "Dockerfile").symlink_to("/etc/passwd")
+    assert dokku.read_build_source(tmp_path) == dokku.BuildSource(None, None)
+    (tmp_path / "Dockerfile").unlink()
+    (tmp_path / "Dockerfile").mkdir()
+    assert dokku.read_build_source(tmp_path) == dokku.BuildSource(None, None)
+
+
+def test_docker_args_of_an_unknown_app_publish_nothing(world: World) -> None:
+    assert dokku.docker_args(world.ctx, "ghost", "web", None) == []
 
 
 def test_image_of_dockerfile_needs_dokkus_two_lines() -> None:

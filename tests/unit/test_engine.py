@@ -508,14 +508,18 @@ def test_flows_of_a_replaced_udp_backend_stay_while_it_lives_and_go_when_it_dies
     assert world.conntrack.deleted == []  # d1 still runs: its flows end where they started
     assert engine.retired_udp(world.ctx) == [Backend(cid("d1"), ip_address("172.17.0.4"), 5053)]
     assert engine.forget_dead_udp(world.ctx, lambda c: False) == []
+    world.docker.add(container("d3", "172.17.0.6", app="dns", published=[(5053, UDP)]))
+    deploy(world, "dns", "d3")
+    engine.apply(world.ctx, "dns")  # d2 retires too, and keeps running
+    assert [b.container_id for b in engine.retired_udp(world.ctx)] == [cid("d1"), cid("d2")]
     world.docker.stop("d1")
     assert engine.container_gone(world.ctx, cid("d1"))
     assert engine.container_gone(world.ctx, cid("never"))
-    assert not engine.container_gone(world.ctx, cid("d2"))
+    assert not engine.container_gone(world.ctx, cid("d3"))
     forgotten = engine.forget_dead_udp(world.ctx, lambda c: engine.container_gone(world.ctx, c))
     assert [b.container_id for b in forgotten] == [cid("d1")]
     assert world.conntrack.deleted == [old]
-    assert engine.retired_udp(world.ctx) == []
+    assert [b.container_id for b in engine.retired_udp(world.ctx)] == [cid("d2")]
 
 
 def test_a_conntrack_failure_is_a_warning_not_a_failed_apply(
