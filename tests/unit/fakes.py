@@ -35,6 +35,10 @@ def key_text(key: RouteKey) -> str:
     return f"{key.family}/{key.protocol}/{ip}/{key.public_port}"
 
 
+class Crash(BaseException):
+    """The process died here (kill -9, power loss): nothing after this point runs."""
+
+
 class FakeBackend:
     """Holds routes in memory the way a kernel backend would.
 
@@ -54,6 +58,7 @@ class FakeBackend:
         self.counters_fail = False
         self.on_run: Callable[[str], None] | None = None  # called as a batch starts
         self.running = 0  # runs in progress: more than one means the lock failed
+        self.crash_after: set[int] = set()  # 1-based runs after which the process dies
 
     # -- planning ---------------------------------------------------------------------
 
@@ -71,6 +76,10 @@ class FakeBackend:
 
     # -- effects ----------------------------------------------------------------------
 
+    def crash_after_next(self) -> None:
+        """The next run reaches the kernel, then the process dies."""
+        self.crash_after.add(self.runs + 1)
+
     def fail_next(self, count: int = 1) -> None:
         """The next `count` runs fail."""
         self.fail_on |= {self.runs + i for i in range(1, count + 1)}
@@ -86,6 +95,8 @@ class FakeBackend:
             if self.fail_always or self.runs in self.fail_on:
                 raise NatportsError(f"{self.name} failed: injected failure", "nothing changed")
             self._apply(batch)
+            if self.runs in self.crash_after:
+                raise Crash(f"crashed after run {self.runs}")
         finally:
             self.running -= 1
 

@@ -23,6 +23,7 @@ from natports.policy import Listener
 from natports.store import Applied
 from tests.unit.fakes import (
     HOST,
+    Crash,
     FakeDocker,
     World,
     cid,
@@ -231,6 +232,51 @@ def test_a_failing_batch_leaves_the_kernel_as_it_was_and_the_state_covering_it(
     engine.apply(world.ctx, "mail")  # the next apply completes the change
     assert world.nft.ports() == {26: ["172.17.0.2"]}
     assert applied_ports(world, "mail") == {26: ["172.17.0.2"]}
+
+
+def test_a_crash_after_the_kernel_changed_never_forgets_a_rule(world: World) -> None:
+    store_ports(world, "mail", "25:5025\n")
+    world.docker.add(container("m1", "172.17.0.2", published=[5025, 5026]))
+    deploy(world, "mail", "m1")
+    engine.apply(world.ctx, "mail")
+    store_ports(world, "mail", "26:5026\n")
+    world.nft.crash_after_next()
+    with pytest.raises(Crash):
+        engine.apply(world.ctx, "mail")
+    assert world.nft.ports() == {26: ["172.17.0.2"]}
+    assert set(world.nft.ports()) <= set(applied_ports(world, "mail"))  # 25 is over-claimed
+    store_ports(world, "mail", "27:5026\n")  # the next deploy moves on
+    engine.apply(world.ctx, "mail")
+    assert world.nft.ports() == {27: ["172.17.0.2"]}  # 26 removed although never "applied"
+    assert applied_ports(world, "mail") == {27: ["172.17.0.2"]}
+
+
+def test_a_crash_in_the_middle_of_a_switch_is_completed_by_the_next_apply(world: World) -> None:
+    mail_world(world, "172.17.0.2")
+    engine.apply(world.ctx, "mail")
+    world.use("iptables")
+    world.ipt.crash_after_next()
+    with pytest.raises(Crash):
+        engine.apply(world.ctx, "mail")
+    assert world.ipt.ports() == world.nft.ports() == {25: ["172.17.0.2"]}  # both serve
+    engine.apply(world.ctx, "mail")
+    assert world.ipt.ports() == {25: ["172.17.0.2"]} and world.nft.ports() == {}
+    assert world.ctx.store.applied("mail").backend == "iptables"  # type: ignore[union-attr]
+    assert world.ctx.store.documents(engine.LEFTOVER) == []
+
+
+def test_a_crash_before_the_old_backend_let_go_is_retried(world: World) -> None:
+    mail_world(world, "172.17.0.2")
+    engine.apply(world.ctx, "mail")
+    world.use("iptables")
+    world.nft.crash_after_next()
+    with pytest.raises(Crash):
+        engine.apply(world.ctx, "mail")  # iptables serves, nft let go, then the crash
+    assert world.nft.ports() == {}
+    assert world.ctx.store.documents(engine.LEFTOVER) == ["mail"]
+    engine.apply(world.ctx, "mail")
+    assert world.ctx.store.documents(engine.LEFTOVER) == []
+    assert world.ipt.ports() == {25: ["172.17.0.2"]}
 
 
 def test_a_broken_app_keeps_only_routes_to_containers_that_still_serve(world: World) -> None:
