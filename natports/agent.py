@@ -291,9 +291,7 @@ class Agent:
     def _dead_in_proc(self) -> set[str]:
         """Watched containers whose init process is gone (Docker cannot be asked). Only
         /proc is read each tick; the state is read only when something died."""
-        return {
-            cid for cid, w in self.watched.items() if process_start_time(w.pid) != w.start_time
-        }
+        return {cid for cid, w in self.watched.items() if process_start_time(w.pid) != w.start_time}
 
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:
