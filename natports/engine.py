@@ -15,8 +15,6 @@ from .backends import select
 from .backends.base import RouteBackend
 from .backends.proxy import ProxyBackend
 from .conntrack import (
-    RETIRED,
-    RETIRED_DOC,
     Conntrack,
     Flow,
     FlowCount,
@@ -35,7 +33,7 @@ from .liveness import verified, without_containers
 from .model import Backend, IPAddress, Mapping, Protocol, Route, is_valid_app_name
 from .policy import check_conflicts, check_policy, load_policy
 from .spec import Located, ParseResult, SpecError, format_errors, parse_bytes
-from .store import Applied, Store
+from .store import Applied, Leftover, Store
 
 
 @dataclass
@@ -238,8 +236,7 @@ def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> Non
             ctx.store.set_applied(app, Applied(ctx.backend.name, routes))
     ctx.backend.run(batch)
     for app, old_name in moved.items():
-        held = [r.to_json() for r in before[app]]
-        ctx.store.set_document(LEFTOVER, app, {"backend": old_name, "routes": held})
+        ctx.store.set_leftover(app, Leftover(old_name, before[app]))
     for app, desired in intents.items():
         _record(ctx, app, desired)
     _remove_leftovers(ctx)
@@ -249,17 +246,13 @@ def _run(ctx: Context, batch: str, intents: dict[str, tuple[Route, ...]]) -> Non
     _remember_retired(ctx, removed)
 
 
-LEFTOVER = "leftover"  # routes a backend still holds for an app another backend now serves
-
-
 def _remove_leftovers(ctx: Context) -> None:
     """Remove what old backends still hold; a failure is retried at the next change."""
-    for app in ctx.store.documents(LEFTOVER):
-        data = ctx.store.document(LEFTOVER, app) or {}
-        name = str(data.get("backend", ""))
-        items = data.get("routes", [])
-        assert isinstance(items, list)
-        routes = tuple(Route.from_json(r) for r in items)
+    for app in ctx.store.leftover_apps():
+        leftover = ctx.store.leftover(app)
+        if leftover is None:
+            continue
+        name, routes = leftover.backend, leftover.routes
         try:
             old = ctx.backend_named(name)
             old.run(old.plan_app(routes, ()))
@@ -270,23 +263,18 @@ def _remove_leftovers(ctx: Context) -> None:
                 file=sys.stderr,
             )
             continue
-        ctx.store.remove_document(LEFTOVER, app)
+        ctx.store.remove_leftover(app)
         _remember_retired(ctx, removed_udp_backends(routes, ()))
 
 
 def _remember_retired(ctx: Context, removed: set[Backend]) -> None:
     if not removed:
         return
-    known = set(retired_udp(ctx)) | removed
-    retired = sorted(known, key=lambda b: (b.container_id, str(b.ip), b.port))  # v4 and v6 mixed
-    ctx.store.set_document(RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in retired]})
+    ctx.store.set_retired_udp(tuple(set(ctx.store.retired_udp()) | removed))
 
 
-def retired_udp(ctx: Context) -> list[Backend]:
-    data = ctx.store.document(RETIRED, RETIRED_DOC) or {}
-    items = data.get("backends", [])
-    assert isinstance(items, list)
-    return [Backend.from_json(b) for b in items]
+def retired_udp(ctx: Context) -> tuple[Backend, ...]:
+    return ctx.store.retired_udp()
 
 
 def forget_dead_udp(ctx: Context, is_gone: Callable[[str], bool]) -> list[Backend]:
@@ -303,10 +291,7 @@ def forget_dead_udp(ctx: Context, is_gone: Callable[[str], bool]) -> list[Backen
             kept.append(backend)
     if forgotten:
         _forget_flows_of(ctx, set(forgotten))
-        if kept:
-            ctx.store.set_document(RETIRED, RETIRED_DOC, {"backends": [b.to_json() for b in kept]})
-        else:
-            ctx.store.remove_document(RETIRED, RETIRED_DOC)
+        ctx.store.set_retired_udp(tuple(kept))
     return forgotten
 
 
@@ -493,8 +478,10 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
             return flush_app_unlocked(ctx, app, dry_run)
         # Every backend that serves some app or still holds leftovers, and the current one.
         names = {ctx.backend.name}
-        for name in ctx.store.documents(LEFTOVER):
-            names.add(str((ctx.store.document(LEFTOVER, name) or {}).get("backend")))
+        for name in ctx.store.leftover_apps():
+            leftover = ctx.store.leftover(name)
+            if leftover is not None:
+                names.add(leftover.backend)
         for name in ctx.store.applied_apps():
             applied = ctx.store.applied(name)
             if applied is not None:
@@ -509,8 +496,8 @@ def flush(ctx: Context, app: str | None = None, dry_run: bool = False) -> str:
         if not dry_run:
             for name in ctx.store.applied_apps():
                 ctx.store.remove_applied(name)
-            for name in ctx.store.documents(LEFTOVER):
-                ctx.store.remove_document(LEFTOVER, name)
+            for name in ctx.store.leftover_apps():
+                ctx.store.remove_leftover(name)
         return "".join(batches)
 
 
