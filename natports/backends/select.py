@@ -22,7 +22,7 @@ def make(name: str, table: str, state_dir: Path) -> RouteBackend:
 
         return NftBackend(f"inet {table}")
     if name == "iptables":
-        from ..doctor import iptables_variant
+        from ..probes import iptables_variant
         from .iptables import IptablesBackend
 
         # NATPORTS_IPTABLES_VARIANT=nft|legacy overrides the detection (tests use both).
@@ -40,7 +40,7 @@ def make(name: str, table: str, state_dir: Path) -> RouteBackend:
 def resolve(name: str) -> str:
     if name != "auto":
         return name
-    from ..doctor import check_iptables, check_nft, choose_backend
+    from ..probes import check_iptables, check_nft, choose_backend
 
     return choose_backend(check_nft(), check_iptables)[0]
 
