@@ -7,10 +7,11 @@ Used by `natports doctor` and by backend selection (`auto`), which must agree.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .runner import Result, probe
 
 CAP_NET_ADMIN = 12
 
@@ -26,13 +27,8 @@ class Check:
         return asdict(self)
 
 
-def _run(*argv: str) -> subprocess.CompletedProcess[str] | None:
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+def _run(*argv: str) -> Result | None:
+    return probe(*argv)
 
 
 def _first_line(text: str) -> str:
