@@ -5,71 +5,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
 from pathlib import Path
 
 from natports import engine
 from natports.agent import Agent, Watched, process_start_time, routed_listener_conflicts
-from natports.model import Protocol, Route, RouteKey
+from natports.model import Protocol, RouteKey
 from natports.policy import Listener
 from natports.store import Applied, Store
+from tests.unit.fakes import FakeBackend, FakeDocker, attach
 from tests.unit.routes import route
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
 
 
-class FakeBackend:
-    """Holds routes in memory the way a kernel backend would; counts its batches."""
-
-    name = "nftables"
-
-    def __init__(self) -> None:
-        self.held: dict[RouteKey, Route] = {}
-        self.batches: list[str] = []
-        self.present = True
-
-    def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
-        gone = [f"del {r.key.public_port}" for r in previous if r not in desired]
-        return "\n".join(gone + [f"set {r.key.public_port} {r.backends}" for r in desired])
-
-    def plan_reconcile(self, desired: Sequence[Route]) -> str:
-        return "reset\n" + self.plan_app((), desired)
-
-    def plan_flush_all(self) -> str:
-        return "reset"
-
-    def intact(self) -> bool:
-        return self.present
-
-    def run(self, batch: str) -> None:
-        self.batches.append(batch)
-        self.present = True
-
-    def route_id(self, route: Route) -> str:
-        return str(route.key.public_port)
-
-    def counters(self) -> dict[str, tuple[int, int]]:
-        return {}
-
-
-class NoConntrack:
-    def __init__(self) -> None:
-        self.deleted: list[object] = []
-
-    def flows(self, protocol: Protocol, family: int) -> list[object]:
-        return []
-
-    def delete(self, flows: Sequence[object]) -> int:
-        self.deleted += list(flows)
-        return len(flows)
-
-
 def context(tmp_path: Path) -> tuple[engine.Context, FakeBackend]:
     ctx = engine.Context(Store(tmp_path), tmp_path, tmp_path / "none.toml", "t", "nftables")
-    fake = FakeBackend()
-    ctx._backends["nftables"] = fake  # type: ignore[assignment]
-    ctx.conntrack = NoConntrack()  # type: ignore[assignment]
-    return ctx, fake
+    world = attach(ctx, FakeDocker())
+    return ctx, world.nft
 
 
 def test_withdraw_removes_only_the_dead_containers_backends(tmp_path: Path) -> None:
@@ -94,9 +46,9 @@ def test_repair_reinstalls_the_applied_routes_only_when_gone(tmp_path: Path) -> 
     ctx.store.set_applied("mail", Applied("nftables", (mail,)))
     assert engine.repair(ctx) == []
     assert fake.batches == []
-    fake.present = False  # nft flush ruleset
+    fake.flush_ruleset()
     assert engine.repair(ctx) == ["nftables"]
-    assert fake.batches[-1].startswith("reset\nset 25")
+    assert fake.ports() == {25: ["172.17.0.2"]}
 
 
 def test_the_agent_notices_a_dead_init_process_without_docker(tmp_path: Path) -> None:
