@@ -482,6 +482,12 @@ def promote(
         return (report if report.batch else None), warnings
 
 
+def build_in_progress(ctx: engine.Context, app: str, build: str) -> bool:
+    """Whether this Dokku command staged a PORTS for the app that post-deploy will promote."""
+    engine.require_app_name(app)
+    return _stage_of(ctx, app, build_key(build)) is not None
+
+
 def discard_stage(ctx: engine.Context, app: str) -> None:
     """A stage that cannot go live is dropped: no later deploy may promote it."""
     engine.require_app_name(app)

@@ -141,8 +141,11 @@ def post_deploy(ctx: engine.Context, app: str, ports_map: str | None, build: str
         for problem in exc.problems:
             click.echo(f"natports: {app}: {problem}", err=True)
         click.echo(
-            f"natports: {app}: the new PORTS is not live; it keeps its previous routes", err=True
+            f"natports: {app}: the new PORTS is not live; the previous one stays in effect",
+            err=True,
         )
+        use.discard_stage(ctx, app)
+        _reapply_quietly(ctx, app)
         return
     except AppProblem as exc:
         click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
@@ -185,10 +188,21 @@ def ports_update(ctx: engine.Context, app: str, ports_map: str) -> None:
 
 @dokku.command("apply")
 @click.argument("app")
+@click.option(
+    "--build", help=BUILD_HELP + " Given: a build's deploy leaves routing to post-deploy."
+)
 @click.pass_obj
 @handles_errors
-def reapply(ctx: engine.Context, app: str) -> None:
-    """Route an app to its current containers again (restart, reboot)."""
+def reapply(ctx: engine.Context, app: str, build: str | None) -> None:
+    """Route an app to its current containers again (restart, reboot).
+
+    With nginx, proxy-build-config also fires inside deploys, after the web containers
+    started and in core-post-deploy (Dokku v0.38.27 plugins/nginx-vhosts/
+    scheduler-post-deploy-process:21, core-post-deploy:17). During a build's deploy the
+    new PORTS is not live yet: its post-deploy moves the routes, not this.
+    """
+    if build and use.build_in_progress(ctx, app, build):
+        return
     try:
         if use.reapply(ctx, app) is not None:
             click.echo(f"natports: {app}: routed to the current containers")

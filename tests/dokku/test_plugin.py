@@ -180,7 +180,7 @@ def test_post_deploy_keeps_previous_routes_and_lets_dokku_retire(
     assert "the new PORTS is not live" in result.output
     dokku.retire(result.old)
     # the previous PORTS stays in effect, now with the new containers behind it
-    assert tags(client_net, PORT) == {"v2.web.1"}
+    assert tags(client_net, PORT) == {"v2.web.1"}, result.output
     assert tags(client_net, PORT + 4) == {"refused"}
 
 
