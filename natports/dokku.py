@@ -31,8 +31,10 @@ from typing import Any
 
 from . import engine
 from .errors import InputError, NatportsError
-from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, loopback_publish
+from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, host_text, loopback_publish
 from .spec import MAX_PORTS_BYTES, Located, excerpt, overlaps, parse_bytes
+from .status import FlowReader
+from .store import Applied
 
 LIVE = "dokku"
 STAGED = "staged"
@@ -578,7 +580,21 @@ def report(ctx: engine.Context, app: str) -> dict[str, object]:
         "routed_ports": len(routes),
         "backends": backends,
         "backend": applied.backend if applied else None,
+        "flows": _flows(ctx, applied),
     }
+
+
+def _flows(ctx: engine.Context, applied: Applied | None) -> list[str]:
+    """Live flows per target, `ip:port=N`, old containers still draining included."""
+    if applied is None or applied.backend == "proxy":
+        return []
+    reader = FlowReader(ctx)
+    totals: dict[str, int] = {}
+    for route in applied.routes:
+        for count in reader.of(route) or ():
+            target = f"{host_text(count.ip)}:{count.port}"
+            totals[target] = totals.get(target, 0) + count.tcp_established + count.udp
+    return [f"{target}={n}" for target, n in sorted(totals.items())]
 
 
 def known_apps(ctx: engine.Context) -> list[str]:

@@ -293,6 +293,7 @@ def report(ctx: engine.Context, app: str | None, fmt: str) -> None:
             ("backend", "Natports backend"),
             ("routed_ports", "Natports routed ports"),
             ("staged", "Natports deploy staged"),
+            ("flows", "Natports live flows"),
         ):
             value = item[key]
             if isinstance(value, list):

@@ -222,6 +222,8 @@ def test_report_describes_sources_backends_and_kind(world: World) -> None:
         "routed_ports": 2,
         "backends": [f"{world.docker.inspect('mail1').id[:12]}@172.17.0.2"],
         "backend": "nftables",
+        # live flows per target from (the fake) conntrack: none yet
+        "flows": ["172.17.0.2:5025=0", "172.17.0.2:5026=0"],
     }
     empty = dokku.report(world.ctx, "none")
     assert empty["ports_file"] is None and empty["backend"] is None
