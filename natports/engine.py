@@ -17,7 +17,6 @@ from .claims import check_file as check_file
 from .claims import claim_checker as claim_checker
 from .claims import require_app_name as require_app_name
 from .claims import validate as validate
-from .conntrack import removed_udp_backends
 from .containers import AppProblem, ContainerInfo, current_containers
 from .context import Context as Context
 from .desired import build_routes
@@ -245,10 +244,8 @@ def flush_app_unlocked(ctx: Context, app: str, dry_run: bool = False) -> str:
     applied = ctx.store.applied(app)
     if applied is None:
         return ""
-    backend = ctx.backend_named(applied.backend)
-    batch = backend.plan_app(applied.routes, ())
+    batch = ctx.backend_named(applied.backend).plan_app(applied.routes, ())
     if not dry_run:
-        backend.run(batch)
-        ctx.store.remove_applied(app)
-        switch.remember_retired(ctx, removed_udp_backends(applied.routes, ()))
+        p = switch.plan(applied.backend, batch, {app: applied}, {app: ()})
+        switch.commit(ctx, p)
     return batch

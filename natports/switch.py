@@ -98,7 +98,10 @@ def commit(ctx: Context, p: Plan) -> None:
     remove_leftovers(ctx)
     remember_retired(ctx, set(p.retired))
     clean_udp(ctx, p.udp_changed, unnatted_too=p.backend != ProxyBackend.name)
-    forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
+    try:
+        forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
+    except NatportsError as exc:  # Docker away: the agent or the next apply does it
+        print(f"natports: warning: UDP flows not cleaned: {exc.message}", file=sys.stderr)
 
 
 def remove_leftovers(ctx: Context) -> None:
@@ -155,7 +158,7 @@ def clean_udp(ctx: Context, changed: tuple[Route, ...], unnatted_too: bool) -> N
     if not changed:
         return
     try:
-        keep = live_retired(ctx)
+        keep = live_retired(ctx) if ctx.store.retired_udp() else set()
         local = local_addresses()
         families = sorted({r.key.family for r in changed})
         flows = [f for fam in families for f in ctx.conntrack.flows(Protocol.UDP, fam)]

@@ -47,6 +47,12 @@ def test_first_deploy_and_redeploy_with_flows_open(
         assert tags(client_net, PORT, 10) == {"v2.web.1"}
         # the old flow lives on with the old container until Dokku retires it
         assert held.ask("hello") == "v1.web.1 hello"
+        # and natports:report shows it draining there
+        report = json.loads(dokku.subcommand("report", "mail", "--format", "json").stdout)
+        old_ip = dokku.container_ip(second.old[0])
+        assert any(
+            f.startswith(f"{old_ip}:5025=") and not f.endswith("=0") for f in report["flows"]
+        )
         dokku.retire(second.old)
         report = hammer.stop()
     finally:
