@@ -239,8 +239,9 @@ def test_configured_default(tmp_path: Path) -> None:
     assert select.configured_default(config) is None
     config.write_text('[backend]\ndefault = "iptables"\n')
     assert select.configured_default(config) == "iptables"
-    config.write_text('backend = "x"\n')
-    assert select.configured_default(config) is None
+    config.write_text('backend = "x"\n')  # one reader for the whole file: same rule as [policy]
+    with pytest.raises(InputError, match=r"\[backend\] must be a table"):
+        select.configured_default(config)
     config.write_text('[backend]\ndefault = "ebpf"\n')
     with pytest.raises(InputError, match=r'backend\.default "ebpf"'):
         select.configured_default(config)
