@@ -289,14 +289,9 @@ class Agent:
                 self.watched.pop(cid, None)
 
     def _dead_in_proc(self) -> set[str]:
-        """Backends whose init process is gone (Docker cannot be asked)."""
-        serving = set(self._backend_apps())
-        return {
-            cid
-            for cid in serving
-            if (w := self.watched.get(cid)) is not None
-            and process_start_time(w.pid) != w.start_time
-        }
+        """Watched containers whose init process is gone (Docker cannot be asked). Only
+        /proc is read each tick; the state is read only when something died."""
+        return {cid for cid, w in self.watched.items() if process_start_time(w.pid) != w.start_time}
 
     @contextlib.contextmanager
     def _step(self, what: str) -> Iterator[None]:

@@ -29,9 +29,6 @@ from typing import Any
 from .errors import NatportsError
 from .model import Backend, IPAddress, Protocol, Route
 
-RETIRED = "conntrack"  # store document kind
-RETIRED_DOC = "udp-retired"
-
 _IPPROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
 _TCP_ESTABLISHED = "ESTABLISHED"
 

@@ -1,172 +1,22 @@
-"""`natports doctor`: what this host offers natports, and which backend would serve.
-
-Every probe only reads: it lists tables, counts conntrack entries, asks Docker its
-version. Nothing here changes the host.
+"""`natports doctor`: what this host offers natports, which backend would serve, and
+whether natports' own processes (the proxy, the agent) run. Every check only reads.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-CAP_NET_ADMIN = 12
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
-def _run(*argv: str) -> subprocess.CompletedProcess[str] | None:
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        return subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else "no output"
-
-
-def check_nft() -> Check:
-    if shutil.which("nft") is None:
-        return Check("nft", False, "nft not found", "apt-get install nftables")
-    proc = _run("nft", "list", "tables")
-    if proc is None or proc.returncode != 0:
-        why = _first_line(proc.stderr) if proc else "could not run nft"
-        return Check("nft", False, f"nft cannot list tables: {why}", "run as root (CAP_NET_ADMIN)")
-    return Check("nft", True, "nft works")
-
-
-def _legacy_loaded() -> bool:
-    """Asking iptables-legacy about a table would load its module: only read loaded ones."""
-    try:
-        return bool(Path("/proc/net/ip_tables_names").read_text().split())
-    except OSError:
-        return False
-
-
-def _variants() -> tuple[str, ...]:
-    return ("nft", "legacy") if _legacy_loaded() else ("nft",)
-
-
-def iptables_variant() -> str:
-    """The xtables variant the host uses: the one Docker's nat chains live in, else the
-    one `iptables` points to."""
-    for variant in _variants():
-        proc = _run(f"iptables-{variant}-save", "-t", "nat")
-        if proc and proc.returncode == 0 and ":DOCKER " in proc.stdout:
-            return variant
-    proc = _run("iptables", "--version")
-    if proc and "legacy" in proc.stdout:
-        return "legacy"
-    return "nft"
-
-
-def check_iptables() -> Check:
-    variant = iptables_variant()
-    restore = f"iptables-{variant}-restore"
-    if shutil.which(restore) is None:
-        return Check("iptables", False, f"{restore} not found", "apt-get install iptables")
-    proc = _run(f"iptables-{variant}-save", "-t", "nat")
-    if proc is None or proc.returncode != 0:
-        why = _first_line(proc.stderr) if proc else "could not run iptables-save"
-        return Check(
-            "iptables", False, f"iptables ({variant}) cannot read nat: {why}", "run as root"
-        )
-    return Check("iptables", True, f"iptables works, variant {variant}")
-
-
-def check_cap_net_admin() -> Check:
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return Check("cap_net_admin", False, "cannot read /proc/self/status")
-    line = next((ln for ln in status.splitlines() if ln.startswith("CapEff:")), "CapEff: 0")
-    effective = int(line.split()[1], 16)
-    if effective & (1 << CAP_NET_ADMIN):
-        return Check("cap_net_admin", True, "CAP_NET_ADMIN is effective")
-    return Check(
-        "cap_net_admin",
-        False,
-        "no CAP_NET_ADMIN: netfilter cannot be programmed",
-        "run as root, or use the proxy backend",
-    )
-
-
-def check_ip_forward() -> Check:
-    try:
-        value = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
-    except OSError:
-        return Check("ip_forward", False, "cannot read net.ipv4.ip_forward")
-    if value == "1":
-        return Check("ip_forward", True, "net.ipv4.ip_forward = 1")
-    return Check(
-        "ip_forward",
-        False,
-        "net.ipv4.ip_forward = 0: DNATed traffic cannot reach containers",
-        "Docker normally sets it; sysctl -w net.ipv4.ip_forward=1",
-    )
-
-
-def check_docker() -> Check:
-    from .containers import Docker
-    from .errors import NatportsError
-
-    try:
-        version = Docker().client.version().get("Version", "unknown")
-    except NatportsError as exc:
-        return Check("docker", False, exc.message, exc.hint)
-    return Check("docker", True, f"Docker {version} reachable")
-
-
-def check_docker_forward() -> Check:
-    """Docker accepts forwarded traffic to published container ports (its FORWARD rules)."""
-    for variant in _variants():
-        proc = _run(f"iptables-{variant}-save", "-t", "filter")
-        if (
-            proc
-            and proc.returncode == 0
-            and (
-                "-A FORWARD -o docker0 -j DOCKER" in proc.stdout
-                or "-A FORWARD -j DOCKER-FORWARD" in proc.stdout
-            )
-        ):
-            return Check(
-                "docker_forward", True, f"Docker's FORWARD accepts are in place ({variant})"
-            )
-    return Check(
-        "docker_forward",
-        False,
-        "Docker's FORWARD rules for published ports were not found",
-        "is Docker running with iptables enabled (not --iptables=false)?",
-    )
-
-
-def check_conntrack() -> Check:
-    proc = _run("conntrack", "-C")
-    if proc is None:
-        return Check("conntrack", False, "conntrack not found", "apt-get install conntrack")
-    if proc.returncode != 0:
-        return Check(
-            "conntrack",
-            False,
-            f"no conntrack netlink access: {_first_line(proc.stderr)}",
-            "run as root; UDP flows of removed containers then idle out instead",
-        )
-    return Check("conntrack", True, f"conntrack netlink works ({proc.stdout.strip()} entries)")
+from .probes import (
+    Check,
+    check_cap_net_admin,
+    check_conntrack,
+    check_docker,
+    check_docker_forward,
+    check_ip_forward,
+    check_iptables,
+    check_nft,
+    choose_backend,
+)
 
 
 def check_proxy(state_dir: Path) -> Check:
@@ -222,19 +72,6 @@ def check_listeners(state_dir: Path) -> Check:
             "listeners", False, "; ".join(conflicts), "stop the host process or unmap the port"
         )
     return Check("listeners", True, "no host process listens on a routed port")
-
-
-def choose_backend(nft: Check, iptables: Callable[[], Check]) -> tuple[str, str]:
-    """(backend, why) for `auto`: nftables, then iptables, then the userspace proxy.
-
-    `iptables` is asked only when nft does not work: its probe may run two commands.
-    """
-    if nft.ok:
-        return "nftables", "nft works"
-    ipt = iptables()
-    if ipt.ok:
-        return "iptables", f"{nft.detail}; {ipt.detail}"
-    return "proxy", f"{nft.detail}; {ipt.detail}: netfilter cannot be programmed"
 
 
 def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:

@@ -31,8 +31,10 @@ from typing import Any
 
 from . import engine
 from .errors import InputError, NatportsError
-from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, loopback_publish
+from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, host_text, loopback_publish
 from .spec import MAX_PORTS_BYTES, Located, excerpt, overlaps, parse_bytes
+from .status import FlowReader
+from .store import Applied
 
 LIVE = "dokku"
 STAGED = "staged"
@@ -457,6 +459,8 @@ def promote(
         current = live if staged is None else Sources(staged.ports_file, live.ports_map)
         if ports_map is not None:
             current = Sources(current.ports_file, tuple(m.mapping for m in map_located))
+            if key is not None:  # a deploy: the map changed without post-proxy-ports-update
+                warnings += _cleared(app, live.ports_map, current.ports_map)
         # Claims may have changed since post-extract (another app deployed meanwhile).
         from_file = current.ports_file or ()
         located = [Located(m, i, 1) for i, m in enumerate(from_file, start=1)]
@@ -480,11 +484,34 @@ def promote(
         return (report if report.batch else None), warnings
 
 
+def build_in_progress(ctx: engine.Context, app: str, build: str) -> bool:
+    """Whether this Dokku command staged a PORTS for the app that post-deploy will promote."""
+    engine.require_app_name(app)
+    return _stage_of(ctx, app, build_key(build)) is not None
+
+
 def discard_stage(ctx: engine.Context, app: str) -> None:
     """A stage that cannot go live is dropped: no later deploy may promote it."""
     engine.require_app_name(app)
     with ctx.store.locked():
         ctx.store.remove_document(STAGED, app)
+
+
+def _cleared(app: str, before: Sequence[Mapping], now: Sequence[Mapping]) -> list[str]:
+    """Map entries that went without ports:set/add/remove (which would have told natports).
+
+    With nginx, domains:enable/disable and proxy:enable/disable clear the whole map through
+    ports-clear and fire no post-proxy-ports-update (Dokku v0.38.27
+    plugins/nginx-vhosts/pre-disable-vhost:27-33, pre-enable-vhost:34); the app's restart
+    brings natports here. Dokku's map is the truth, so the entries stop being routed.
+    """
+    return [
+        f"Dokku's port map no longer lists {_map_text(m)} (domains:enable/disable and "
+        "proxy:enable/disable clear it); natports stops routing it. Restore it with "
+        f"`dokku ports:add {app} {_map_text(m)}`"
+        for m in before
+        if m not in now
+    ]
 
 
 def reapply(ctx: engine.Context, app: str) -> engine.ApplyReport | None:
@@ -553,7 +580,21 @@ def report(ctx: engine.Context, app: str) -> dict[str, object]:
         "routed_ports": len(routes),
         "backends": backends,
         "backend": applied.backend if applied else None,
+        "flows": _flows(ctx, applied),
     }
+
+
+def _flows(ctx: engine.Context, applied: Applied | None) -> list[str]:
+    """Live flows per target, `ip:port=N`, old containers still draining included."""
+    if applied is None or applied.backend == "proxy":
+        return []
+    reader = FlowReader(ctx)
+    totals: dict[str, int] = {}
+    for route in applied.routes:
+        for count in reader.of(route) or ():
+            target = f"{host_text(count.ip)}:{count.port}"
+            totals[target] = totals.get(target, 0) + count.tcp_established + count.udp
+    return [f"{target}={n}" for target, n in sorted(totals.items())]
 
 
 def known_apps(ctx: engine.Context) -> list[str]:

@@ -18,7 +18,8 @@ from . import engine
 from .cli_support import handles_errors
 from .containers import AppProblem
 from .errors import InputError
-from .spec import MAX_PORTS_BYTES
+from .model import is_valid_app_name
+from .spec import MAX_PORTS_BYTES, excerpt
 
 BUILD_HELP = "DOKKU_PID of the Dokku command running the build (keys the staged PORTS)."
 NO_PORTS_EXIT = 3  # read-source: the work dir has no PORTS file
@@ -32,6 +33,20 @@ PORTS_MAP_HELP = (
 
 def _map(value: str | None) -> list[str] | None:
     return None if value is None else value.split()
+
+
+def _ignored(*apps: str) -> bool:
+    """A name natports cannot serve (longer than 200 characters, or not Dokku's rule at all)
+    holds nothing in natports (every write checks the name), so a trigger for it does
+    nothing and succeeds: natports never fails a deploy, destroy or report of an app
+    without ports. Nothing reaches a path or the kernel."""
+    bad = [app for app in apps if not is_valid_app_name(app)]
+    for app in bad:
+        click.echo(
+            f'natports: "{excerpt(app)}" is not an app name natports serves; nothing done',
+            err=True,
+        )
+    return bool(bad)
 
 
 def _warn(app: str, warnings: list[str]) -> None:
@@ -80,6 +95,8 @@ def stage(
     text = None
     if not (no_ports_file or image):
         text = sys.stdin.buffer.read(MAX_PORTS_BYTES + 1)
+    if text is None and not image and _ignored(app):
+        return
     staged = use.stage(ctx, app, build, text, image)
     found = "no PORTS file" if staged.ports_file is None else f"PORTS: {len(staged.ports_file)}"
     click.echo(f"natports: {app}: {found} mapping(s) checked for this deploy")
@@ -96,6 +113,8 @@ def docker_args(
     ctx: engine.Context, app: str, process_type: str, build: str | None, check: bool
 ) -> None:
     """docker-args-process-deploy: publish each private port on loopback only."""
+    if _ignored(app):
+        return
     args = use.docker_args(ctx, app, process_type, build or None, check)
     if args:
         click.echo(" ".join(args))
@@ -114,14 +133,19 @@ def post_deploy(ctx: engine.Context, app: str, ports_map: str | None, build: str
     if this succeeds (Dokku v0.38.27 plugins/scheduler-docker-local/scheduler-deploy:2,83-96):
     a problem of the app keeps its previous routes, is reported, and exits 0.
     """
+    if _ignored(app):
+        return
     try:
         report, warnings = use.promote(ctx, app, _map(ports_map), build or None)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(f"natports: {app}: {problem}", err=True)
         click.echo(
-            f"natports: {app}: the new PORTS is not live; it keeps its previous routes", err=True
+            f"natports: {app}: the new PORTS is not live; the previous one stays in effect",
+            err=True,
         )
+        use.discard_stage(ctx, app)
+        _reapply_quietly(ctx, app)
         return
     except AppProblem as exc:
         click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
@@ -150,6 +174,8 @@ def ports_update(ctx: engine.Context, app: str, ports_map: str) -> None:
 
     An app with no running containers keeps the new map for its next deploy.
     """
+    if _ignored(app):
+        return
     try:
         report, warnings = use.promote(ctx, app, _map(ports_map))
         _warn(app, warnings)
@@ -162,10 +188,21 @@ def ports_update(ctx: engine.Context, app: str, ports_map: str) -> None:
 
 @dokku.command("apply")
 @click.argument("app")
+@click.option(
+    "--build", help=BUILD_HELP + " Given: a build's deploy leaves routing to post-deploy."
+)
 @click.pass_obj
 @handles_errors
-def reapply(ctx: engine.Context, app: str) -> None:
-    """Route an app to its current containers again (restart, reboot)."""
+def reapply(ctx: engine.Context, app: str, build: str | None) -> None:
+    """Route an app to its current containers again (restart, reboot).
+
+    With nginx, proxy-build-config also fires inside deploys, after the web containers
+    started and in core-post-deploy (Dokku v0.38.27 plugins/nginx-vhosts/
+    scheduler-post-deploy-process:21, core-post-deploy:17). During a build's deploy the
+    new PORTS is not live yet: its post-deploy moves the routes, not this.
+    """
+    if build and use.build_in_progress(ctx, app, build):
+        return
     try:
         if use.reapply(ctx, app) is not None:
             click.echo(f"natports: {app}: routed to the current containers")
@@ -179,7 +216,9 @@ def reapply(ctx: engine.Context, app: str) -> None:
 @click.pass_obj
 @handles_errors
 def stop(ctx: engine.Context, app: str) -> None:
-    """post-stop: stop routing the app; its mappings stay for the next start."""
+    """scheduler-stop, post-stop: stop routing the app; its mappings stay for the next start."""
+    if _ignored(app):
+        return
     use.stop(ctx, app)
 
 
@@ -189,6 +228,8 @@ def stop(ctx: engine.Context, app: str) -> None:
 @handles_errors
 def delete(ctx: engine.Context, app: str) -> None:
     """post-delete: the app's rules, mappings and sources go."""
+    if _ignored(app):
+        return
     use.delete(ctx, app)
 
 
@@ -207,6 +248,8 @@ def flush_all(ctx: engine.Context) -> None:
 @handles_errors
 def rename(ctx: engine.Context, old: str, new: str) -> None:
     """post-app-rename-setup: mappings follow the new name; the old name's rules go."""
+    if _ignored(old, new):
+        return
     use.rename(ctx, old, new)
 
 
@@ -217,8 +260,8 @@ def rename(ctx: engine.Context, old: str, new: str) -> None:
 @handles_errors
 def clone(ctx: engine.Context, old: str, new: str) -> None:
     """post-app-clone-setup: public ports belong to one app, so a clone starts without them."""
-    engine.require_app_name(old)
-    engine.require_app_name(new)
+    if _ignored(old, new):
+        return
     click.echo(
         f"natports: {new}: public ports are not cloned from {old} (a port belongs to one app); "
         f"give {new} its own PORTS or ports:set tcp/udp entries"
@@ -232,6 +275,8 @@ def clone(ctx: engine.Context, old: str, new: str) -> None:
 @handles_errors
 def report(ctx: engine.Context, app: str | None, fmt: str) -> None:
     """natports:report: mappings, their sources, current backends, backend kind."""
+    if app is not None and _ignored(app):
+        return
     apps = [app] if app else use.known_apps(ctx)
     reports = [use.report(ctx, name) for name in apps]
     if fmt == "json":
@@ -248,6 +293,7 @@ def report(ctx: engine.Context, app: str | None, fmt: str) -> None:
             ("backend", "Natports backend"),
             ("routed_ports", "Natports routed ports"),
             ("staged", "Natports deploy staged"),
+            ("flows", "Natports live flows"),
         ):
             value = item[key]
             if isinstance(value, list):

@@ -6,11 +6,11 @@ Pure functions; the listeners on the host and the policy file are read by the ca
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import read_section
 from .errors import InputError
 from .model import PORT_MAX, PORT_MIN, IPAddress, Mapping, Protocol, host_text
 from .spec import Located, SpecError, overlaps
@@ -80,19 +80,7 @@ class Listener:
 
 def load_policy(path: Path) -> Policy:
     """Read `[policy]` from the operator's TOML config; a missing file means the defaults."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return Policy()
-    except OSError as exc:
-        raise InputError([f"{path}: cannot read: {exc.strerror}"]) from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InputError([f"{path}: {exc}"]) from None
-    section = data.get("policy", {})
-    if not isinstance(section, dict):
-        raise InputError([f"{path}: [policy] must be a table"])
+    section = read_section(path, "policy")
     problems: list[str] = []
 
     def ranges(key: str) -> tuple[PortRange, ...] | None:

@@ -22,13 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NatportsError
-from .model import Mapping, Route
+from .model import Backend, Mapping, Route
 
 SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Applied:
+    backend: str
+    routes: tuple[Route, ...]
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """Routes a backend still holds for an app that another backend serves now (a switch
+    of backend is make before break; a failed removal is retried at the next apply)."""
+
     backend: str
     routes: tuple[Route, ...]
 
@@ -159,6 +168,53 @@ class Store:
 
     def remove_applied(self, app: str) -> bool:
         return self._unlink(self.root / "applied" / f"{app}.json")
+
+    # -- leftovers of a backend switch, and retired UDP backends ----------------------------
+
+    def leftover_apps(self) -> list[str]:
+        return self._names("leftover")
+
+    def leftover(self, app: str) -> Leftover | None:
+        path = self.root / "leftover" / f"{app}.json"
+        data = self._read(path)
+        if data is None:
+            return None
+        with _shape_checked(path):
+            routes = data["routes"]
+            assert isinstance(routes, list)
+            return Leftover(str(data["backend"]), tuple(Route.from_json(r) for r in routes))
+
+    def set_leftover(self, app: str, leftover: Leftover) -> None:
+        self._write(
+            self.root / "leftover" / f"{app}.json",
+            {
+                "version": SCHEMA_VERSION,
+                "backend": leftover.backend,
+                "routes": [r.to_json() for r in leftover.routes],
+            },
+        )
+
+    def remove_leftover(self, app: str) -> bool:
+        return self._unlink(self.root / "leftover" / f"{app}.json")
+
+    def retired_udp(self) -> tuple[Backend, ...]:
+        """UDP backends a switch removed whose containers may still hold flows."""
+        path = self.root / "conntrack" / "udp-retired.json"
+        data = self._read(path)
+        if data is None:
+            return ()
+        with _shape_checked(path):
+            items = data["backends"]
+            assert isinstance(items, list)
+            return tuple(Backend.from_json(b) for b in items)
+
+    def set_retired_udp(self, backends: tuple[Backend, ...]) -> None:
+        path = self.root / "conntrack" / "udp-retired.json"
+        if not backends:
+            self._unlink(path)
+            return
+        ordered = sorted(backends, key=lambda b: (b.container_id, str(b.ip), b.port))
+        self._write(path, {"version": SCHEMA_VERSION, "backends": [b.to_json() for b in ordered]})
 
     # -- documents of other layers (the Dokku plugin's sources and staged PORTS) ----------
 

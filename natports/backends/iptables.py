@@ -14,9 +14,9 @@ import subprocess
 from collections.abc import Sequence
 from typing import Literal
 
-from ..doctor import check_cap_net_admin
 from ..errors import InputError, NatportsError
 from ..model import Route
+from ..probes import check_cap_net_admin
 from . import ipt_render
 from .ipt_render import Layout, LiveNat
 

@@ -6,9 +6,9 @@ Order for `auto`: nftables, iptables, proxy. The reasons are the doctor's probes
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 
+from ..config import read_section
 from ..errors import InputError
 from .base import RouteBackend
 
@@ -22,7 +22,7 @@ def make(name: str, table: str, state_dir: Path) -> RouteBackend:
 
         return NftBackend(f"inet {table}")
     if name == "iptables":
-        from ..doctor import iptables_variant
+        from ..probes import iptables_variant
         from .iptables import IptablesBackend
 
         # NATPORTS_IPTABLES_VARIANT=nft|legacy overrides the detection (tests use both).
@@ -40,21 +40,14 @@ def make(name: str, table: str, state_dir: Path) -> RouteBackend:
 def resolve(name: str) -> str:
     if name != "auto":
         return name
-    from ..doctor import check_iptables, check_nft, choose_backend
+    from ..probes import check_iptables, check_nft, choose_backend
 
     return choose_backend(check_nft(), check_iptables)[0]
 
 
 def configured_default(config_path: Path) -> str | None:
     """`[backend] default = "..."` in the operator's config file, if set."""
-    try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise InputError([f"{config_path}: {exc}"]) from None
-    section = data.get("backend", {})
-    value = section.get("default") if isinstance(section, dict) else None
+    value = read_section(config_path, "backend").get("default")
     if value is None:
         return None
     if value != "auto" and value not in NAMES:

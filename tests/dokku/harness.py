@@ -576,6 +576,10 @@ class DokkuHost:
             shutil.rmtree(self.dokku_root / app, ignore_errors=True)
             return self.trigger("post-delete", app, "latest", pid=pid)
 
+    def container_ip(self, cid: str) -> str:
+        out = sh("docker", "inspect", "-f", "{{.NetworkSettings.Networks.bridge.IPAddress}}", cid)
+        return out.stdout.strip()
+
     def retire(self, ids: Sequence[str]) -> None:
         """Dokku's retirement: SIGTERM (echod exits at once, like an app that drained)."""
         for cid in ids:

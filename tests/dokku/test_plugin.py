@@ -47,6 +47,12 @@ def test_first_deploy_and_redeploy_with_flows_open(
         assert tags(client_net, PORT, 10) == {"v2.web.1"}
         # the old flow lives on with the old container until Dokku retires it
         assert held.ask("hello") == "v1.web.1 hello"
+        # and natports:report shows it draining there
+        report = json.loads(dokku.subcommand("report", "mail", "--format", "json").stdout)
+        old_ip = dokku.container_ip(second.old[0])
+        assert any(
+            f.startswith(f"{old_ip}:5025=") and not f.endswith("=0") for f in report["flows"]
+        )
         dokku.retire(second.old)
         report = hammer.stop()
     finally:
@@ -180,7 +186,7 @@ def test_post_deploy_keeps_previous_routes_and_lets_dokku_retire(
     assert "the new PORTS is not live" in result.output
     dokku.retire(result.old)
     # the previous PORTS stays in effect, now with the new containers behind it
-    assert tags(client_net, PORT) == {"v2.web.1"}
+    assert tags(client_net, PORT) == {"v2.web.1"}, result.output
     assert tags(client_net, PORT + 4) == {"refused"}
 
 
@@ -201,6 +207,23 @@ def test_ports_set_takes_effect_and_detected_entries_are_never_routed(
     report = json.loads(dokku.subcommand("report", "mail", "--format", "json").stdout)
     assert report["ports_file"] == [f"{PORT}:5025/tcp"]
     assert f"{PORT + 5}:5025/tcp" in report["mappings"]
+
+
+def test_a_ports_clear_that_drops_map_entries_is_reported(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """domains:disable (and proxy:disable, the enables) run ports-clear with nginx: the map
+    goes, no post-proxy-ports-update fires; the restart that follows reports the loss."""
+    assert dokku.git_push("mail", "v1", {}).ok
+    assert dokku.set_ports_map("mail", "http:80:5000", f"tcp:{PORT + 8}:5025").returncode == 0
+    restarted = dokku.release_and_deploy("mail", "v1")  # a restart publishes 5025 now
+    assert restarted.ok, restarted.output
+    assert tags(client_net, PORT + 8) == {"v1.web.1"}
+    assert dokku.ports_clear("mail").returncode == 0
+    again = dokku.release_and_deploy("mail", "v1")  # domains:disable restarts the app
+    assert again.ok, again.output
+    assert f"Dokku's port map no longer lists tcp:{PORT + 8}:5025" in again.output
+    assert tags(client_net, PORT + 8) == {"refused"}
 
 
 def test_stop_stops_routing_before_the_containers_stop(
@@ -325,8 +348,11 @@ def test_legacy_app_names_with_underscores(dokku: DokkuHost, client_net: ClientN
 def test_the_root_helper_refuses_bad_arguments(dokku: DokkuHost) -> None:
     injected = dokku.trigger("post-delete", "--state-dir=/tmp/elsewhere")
     assert injected.returncode == 2 and "No such option" in injected.stderr
-    bad_name = dokku.trigger("post-delete", "Bad App")
-    assert bad_name.returncode == 2 and "is not a valid app name" in bad_name.stderr
+    # a name natports cannot hold anything for: nothing is done, and Dokku goes on
+    bad_name = dokku.trigger("post-delete", "Bad App/../x")
+    assert bad_name.returncode == 0 and "not an app name natports serves" in bad_name.stderr
+    too_long = dokku.git_push("a" * 201, "v1", {})
+    assert too_long.ok, too_long.output
     # the dokku user reaches root only through the helper
     other = sh(
         "runuser", "-u", "dokku", "--", "sudo", "-n", "/usr/sbin/nft", "list", "tables", check=False

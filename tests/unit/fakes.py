@@ -367,8 +367,11 @@ HOST = ip_address("198.51.100.1")
 
 def quiet_host(monkeypatch: Any, listeners: Sequence[Any] = ()) -> None:
     """The host's listeners and addresses as a test says, not as this machine has them."""
-    monkeypatch.setattr(engine, "host_listeners", lambda: list(listeners))
-    monkeypatch.setattr(engine, "local_addresses", lambda: frozenset({HOST}))
+    from natports import claims, status, switch
+
+    monkeypatch.setattr(claims, "host_listeners", lambda: list(listeners))
+    monkeypatch.setattr(switch, "local_addresses", lambda: frozenset({HOST}))
+    monkeypatch.setattr(status, "local_addresses", lambda: frozenset({HOST}))
 
 
 def dokku_files(root: Path, app: str, **procs: Sequence[ContainerInfo]) -> None:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from natports.cli import main
-from natports.doctor import Check
+from natports.probes import Check
 from tests.unit.fakes import (
     World,
     cid,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from natports import doctor
+from natports import doctor, probes
 from natports.backends import select
 from natports.backends.iptables import IptablesBackend
 from natports.backends.nftables import NftBackend
@@ -31,7 +31,7 @@ DOCKER_FILTER = "*filter\n-A FORWARD -j DOCKER-FORWARD\nCOMMIT\n"
 @pytest.fixture
 def bin_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = only_fake_tools(tmp_path, monkeypatch)
-    monkeypatch.setattr(doctor, "_legacy_loaded", lambda: False)
+    monkeypatch.setattr(probes, "_legacy_loaded", lambda: False)
     return bin_dir
 
 
@@ -47,7 +47,7 @@ def proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             return root / str(path).removeprefix("/proc/")
         return path
 
-    monkeypatch.setattr(doctor, "Path", redirected)
+    monkeypatch.setattr(probes, "Path", redirected)
     (root / "self").mkdir(parents=True)
     (root / "sys/net/ipv4").mkdir(parents=True)
     return root
@@ -57,15 +57,15 @@ def proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_check_nft(bin_dir: Path) -> None:
-    assert doctor.check_nft() == doctor.Check(
+    assert probes.check_nft() == probes.Check(
         "nft", False, "nft not found", "apt-get install nftables"
     )
     nft = FakeTool(bin_dir, "nft").answer(None, err="\nnetlink: Operation not permitted\n", rc=1)
-    check = doctor.check_nft()
+    check = probes.check_nft()
     assert not check.ok
     assert check.detail == "nft cannot list tables: netlink: Operation not permitted"
     nft.answer(None, out="table inet filter\n")
-    assert doctor.check_nft().ok
+    assert probes.check_nft().ok
     assert nft.calls[-1] == "list tables"
 
 
@@ -75,84 +75,84 @@ def test_the_iptables_variant_is_the_one_dockers_chains_live_in(
     nft_save = FakeTool(bin_dir, "iptables-nft-save").answer(None, out="*nat\nCOMMIT\n")
     legacy_save = FakeTool(bin_dir, "iptables-legacy-save").answer(None, out=DOCKER_NAT)
     iptables = FakeTool(bin_dir, "iptables").answer(None, out="iptables v1.8.9 (nf_tables)\n")
-    assert doctor.iptables_variant() == "nft"
+    assert probes.iptables_variant() == "nft"
     assert legacy_save.calls == []  # legacy modules not loaded: never asked (it would load them)
-    monkeypatch.setattr(doctor, "_legacy_loaded", lambda: True)
-    assert doctor.iptables_variant() == "legacy"
+    monkeypatch.setattr(probes, "_legacy_loaded", lambda: True)
+    assert probes.iptables_variant() == "legacy"
     legacy_save.answer(None, out="*nat\nCOMMIT\n")
     iptables.answer(None, out="iptables v1.8.9 (legacy)\n")
-    assert doctor.iptables_variant() == "legacy"
+    assert probes.iptables_variant() == "legacy"
     nft_save.answer(None, out=DOCKER_NAT)
-    assert doctor.iptables_variant() == "nft"
+    assert probes.iptables_variant() == "nft"
 
 
 def test_check_iptables(bin_dir: Path) -> None:
-    check = doctor.check_iptables()
+    check = probes.check_iptables()
     assert not check.ok and check.detail == "iptables-nft-restore not found"
     FakeTool(bin_dir, "iptables-nft-restore")
     save = FakeTool(bin_dir, "iptables-nft-save").answer(None, err="Permission denied\n", rc=4)
-    check = doctor.check_iptables()
+    check = probes.check_iptables()
     assert not check.ok and check.detail == "iptables (nft) cannot read nat: Permission denied"
     save.answer(None, out=DOCKER_NAT)
-    assert doctor.check_iptables() == doctor.Check("iptables", True, "iptables works, variant nft")
+    assert probes.check_iptables() == probes.Check("iptables", True, "iptables works, variant nft")
 
 
 def test_check_cap_net_admin_reads_the_effective_set(proc: Path) -> None:
     status = proc / "self" / "status"
-    assert not doctor.check_cap_net_admin().ok  # unreadable
+    assert not probes.check_cap_net_admin().ok  # unreadable
     status.write_text("Name:\tpython\nCapEff:\t0000000000000000\n")
-    check = doctor.check_cap_net_admin()
+    check = probes.check_cap_net_admin()
     assert not check.ok and check.hint == "run as root, or use the proxy backend"
     status.write_text("Name:\tpython\nCapEff:\t0000000000001000\n")  # bit 12
-    assert doctor.check_cap_net_admin().ok
+    assert probes.check_cap_net_admin().ok
 
 
 def test_legacy_tables_count_only_when_their_module_is_loaded(proc: Path) -> None:
-    assert doctor._legacy_loaded() is False
+    assert probes._legacy_loaded() is False
     (proc / "net").mkdir()
     (proc / "net" / "ip_tables_names").write_text("")
-    assert doctor._legacy_loaded() is False
+    assert probes._legacy_loaded() is False
     (proc / "net" / "ip_tables_names").write_text("nat\nfilter\n")
-    assert doctor._legacy_loaded() is True
+    assert probes._legacy_loaded() is True
 
 
 def test_check_ip_forward(proc: Path) -> None:
-    assert not doctor.check_ip_forward().ok
+    assert not probes.check_ip_forward().ok
     (proc / "sys/net/ipv4/ip_forward").write_text("0\n")
-    assert "= 0" in doctor.check_ip_forward().detail
+    assert "= 0" in probes.check_ip_forward().detail
     (proc / "sys/net/ipv4/ip_forward").write_text("1\n")
-    assert doctor.check_ip_forward().ok
+    assert probes.check_ip_forward().ok
 
 
 def test_check_docker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("natports.containers.Docker", FakeDocker)
-    assert doctor.check_docker().detail == "Docker 99.0-fake reachable"
+    assert probes.check_docker().detail == "Docker 99.0-fake reachable"
 
     def unreachable() -> FakeDocker:
         raise NatportsError("cannot reach Docker: refused", "is dockerd running?")
 
     monkeypatch.setattr("natports.containers.Docker", unreachable)
-    assert doctor.check_docker() == doctor.Check(
+    assert probes.check_docker() == probes.Check(
         "docker", False, "cannot reach Docker: refused", "is dockerd running?"
     )
 
 
 def test_check_docker_forward(bin_dir: Path) -> None:
     save = FakeTool(bin_dir, "iptables-nft-save").answer(None, out="*filter\nCOMMIT\n")
-    assert not doctor.check_docker_forward().ok
+    assert not probes.check_docker_forward().ok
     save.answer(None, out=DOCKER_FILTER)
-    assert doctor.check_docker_forward().detail == "Docker's FORWARD accepts are in place (nft)"
+    assert probes.check_docker_forward().detail == "Docker's FORWARD accepts are in place (nft)"
     assert save.calls[-1] == "-t filter"
 
 
 def test_check_conntrack(bin_dir: Path) -> None:
-    assert doctor.check_conntrack().detail == "conntrack not found"
+    assert probes.check_conntrack().detail == "conntrack not found"
     tool = FakeTool(bin_dir, "conntrack").answer(None, err="Operation not permitted\n", rc=1)
-    check = doctor.check_conntrack()
+    check = probes.check_conntrack()
     assert not check.ok
     assert check.detail == "no conntrack netlink access: Operation not permitted"
     tool.answer(None, out="42\n")
-    assert doctor.check_conntrack().detail == "conntrack netlink works (42 entries)"
+    assert probes.check_conntrack().detail == "conntrack netlink works (42 entries)"
 
 
 def test_check_agent_and_proxy(tmp_path: Path) -> None:
@@ -184,18 +184,18 @@ def test_check_listeners_names_a_host_process_on_a_routed_port(
 
 
 def test_auto_prefers_nftables_then_iptables_then_the_proxy() -> None:
-    yes = doctor.Check("x", True, "works")
-    no = doctor.Check("x", False, "broken")
+    yes = probes.Check("x", True, "works")
+    no = probes.Check("x", False, "broken")
     asked: list[bool] = []
 
-    def ipt(check: doctor.Check) -> doctor.Check:
+    def ipt(check: probes.Check) -> probes.Check:
         asked.append(True)
         return check
 
-    assert doctor.choose_backend(yes, lambda: ipt(no)) == ("nftables", "nft works")
+    assert probes.choose_backend(yes, lambda: ipt(no)) == ("nftables", "nft works")
     assert asked == []  # iptables is not probed when nft works
-    assert doctor.choose_backend(no, lambda: ipt(yes))[0] == "iptables"
-    backend, why = doctor.choose_backend(no, lambda: ipt(no))
+    assert probes.choose_backend(no, lambda: ipt(yes))[0] == "iptables"
+    backend, why = probes.choose_backend(no, lambda: ipt(no))
     assert backend == "proxy" and why.endswith("netfilter cannot be programmed")
 
 
@@ -248,8 +248,9 @@ def test_configured_default(tmp_path: Path) -> None:
     assert select.configured_default(config) is None
     config.write_text('[backend]\ndefault = "iptables"\n')
     assert select.configured_default(config) == "iptables"
-    config.write_text('backend = "x"\n')
-    assert select.configured_default(config) is None
+    config.write_text('backend = "x"\n')  # one reader for the whole file: same rule as [policy]
+    with pytest.raises(InputError, match=r"\[backend\] must be a table"):
+        select.configured_default(config)
     config.write_text('[backend]\ndefault = "ebpf"\n')
     with pytest.raises(InputError, match=r'backend\.default "ebpf"'):
         select.configured_default(config)

@@ -262,7 +262,7 @@ def test_a_crash_in_the_middle_of_a_switch_is_completed_by_the_next_apply(world:
     engine.apply(world.ctx, "mail")
     assert world.ipt.ports() == {25: ["172.17.0.2"]} and world.nft.ports() == {}
     assert world.ctx.store.applied("mail").backend == "iptables"  # type: ignore[union-attr]
-    assert world.ctx.store.documents(engine.LEFTOVER) == []
+    assert world.ctx.store.leftover_apps() == []
 
 
 @pytest.mark.xfail(
@@ -295,9 +295,9 @@ def test_a_crash_before_the_old_backend_let_go_is_retried(world: World) -> None:
     with pytest.raises(Crash):
         engine.apply(world.ctx, "mail")  # iptables serves, nft let go, then the crash
     assert world.nft.ports() == {}
-    assert world.ctx.store.documents(engine.LEFTOVER) == ["mail"]
+    assert world.ctx.store.leftover_apps() == ["mail"]
     engine.apply(world.ctx, "mail")
-    assert world.ctx.store.documents(engine.LEFTOVER) == []
+    assert world.ctx.store.leftover_apps() == []
     assert world.ipt.ports() == {25: ["172.17.0.2"]}
 
 
@@ -386,7 +386,7 @@ def test_a_backend_switch_is_make_before_break(world: World) -> None:
     assert world.ipt.ports() == {25: ["172.17.0.2"]}
     assert world.nft.ports() == {}
     assert world.ctx.store.applied("mail").backend == "iptables"  # type: ignore[union-attr]
-    assert world.ctx.store.documents(engine.LEFTOVER) == []
+    assert world.ctx.store.leftover_apps() == []
 
 
 def test_leftovers_of_the_old_backend_are_retried_until_removed(
@@ -400,14 +400,14 @@ def test_leftovers_of_the_old_backend_are_retried_until_removed(
     assert "could not remove its old nftables routes yet" in capsys.readouterr().err
     assert world.ipt.ports() == {25: ["172.17.0.2"]}
     assert world.nft.ports() == {25: ["172.17.0.2"]}
-    assert world.ctx.store.documents(engine.LEFTOVER) == ["mail"]
+    assert world.ctx.store.leftover_apps() == ["mail"]
     world.nft.fail_always = False
     store_ports(world, "other", "8080:5000\n")
     world.docker.add(container("o1", "172.17.0.5", app="other", published=[5000]))
     deploy(world, "other", "o1")
     engine.apply(world.ctx, "other")  # any later change retries
     assert world.nft.ports() == {}
-    assert world.ctx.store.documents(engine.LEFTOVER) == []
+    assert world.ctx.store.leftover_apps() == []
 
 
 def test_a_switch_that_fails_on_the_new_backend_leaves_the_old_one_serving(
@@ -493,7 +493,7 @@ def test_flush_removes_every_backends_routes_and_keeps_the_mappings(world: World
     engine.flush(world.ctx)
     assert world.nft.ports() == {} and world.ipt.ports() == {}
     assert world.ctx.store.applied_apps() == []
-    assert world.ctx.store.documents(engine.LEFTOVER) == []
+    assert world.ctx.store.leftover_apps() == []
     assert world.ctx.store.mappings("mail") == (Mapping(25, 5025),)
     engine.apply(world.ctx)
     assert world.ipt.ports() == {25: ["172.17.0.2"]}
@@ -574,12 +574,12 @@ def test_flows_of_a_replaced_udp_backend_stay_while_it_lives_and_go_when_it_dies
     deploy(world, "dns", "d2")
     engine.apply(world.ctx, "dns")
     assert world.conntrack.deleted == []  # d1 still runs: its flows end where they started
-    assert engine.retired_udp(world.ctx) == [Backend(cid("d1"), ip_address("172.17.0.4"), 5053)]
+    assert world.ctx.store.retired_udp() == (Backend(cid("d1"), ip_address("172.17.0.4"), 5053),)
     assert engine.forget_dead_udp(world.ctx, lambda c: False) == []
     world.docker.add(container("d3", "172.17.0.6", app="dns", published=[(5053, UDP)]))
     deploy(world, "dns", "d3")
     engine.apply(world.ctx, "dns")  # d2 retires too, and keeps running
-    assert [b.container_id for b in engine.retired_udp(world.ctx)] == [cid("d1"), cid("d2")]
+    assert [b.container_id for b in world.ctx.store.retired_udp()] == [cid("d1"), cid("d2")]
     world.docker.stop("d1")
     assert engine.container_gone(world.ctx, cid("d1"))
     assert engine.container_gone(world.ctx, cid("never"))
@@ -587,7 +587,7 @@ def test_flows_of_a_replaced_udp_backend_stay_while_it_lives_and_go_when_it_dies
     forgotten = engine.forget_dead_udp(world.ctx, lambda c: engine.container_gone(world.ctx, c))
     assert [b.container_id for b in forgotten] == [cid("d1")]
     assert world.conntrack.deleted == [old]
-    assert [b.container_id for b in engine.retired_udp(world.ctx)] == [cid("d2")]
+    assert [b.container_id for b in world.ctx.store.retired_udp()] == [cid("d2")]
 
 
 def test_a_conntrack_failure_is_a_warning_not_a_failed_apply(

@@ -14,9 +14,9 @@ import pytest
 from natports.backends import iptables as ipt_module
 from natports.backends.iptables import LOCK_WAIT_SECONDS, IptablesBackend
 from natports.backends.nftables import NftBackend
-from natports.doctor import Check
 from natports.errors import InputError, NatportsError
 from natports.model import Protocol, RouteKey
+from natports.probes import Check
 from tests.unit.fakes import FakeTool, only_fake_tools
 from tests.unit.routes import route
 

@@ -320,3 +320,44 @@ def test_the_lock_is_released_when_the_block_raises(store: Store) -> None:
     child.join(timeout=30)
     assert child.exitcode == 0
     assert (store.root / "child").exists()
+
+
+def test_leftovers_round_trip(store: Store) -> None:
+    from natports.store import Leftover
+
+    assert store.leftover("mail") is None
+    store.set_leftover("mail", Leftover("proxy", ROUTES))
+    assert store.leftover_apps() == ["mail"]
+    assert store.leftover("mail") == Leftover("proxy", ROUTES)
+    assert store.remove_leftover("mail")
+    assert store.leftover_apps() == []
+
+
+def test_retired_udp_backends_round_trip_and_empty_means_no_file(store: Store) -> None:
+    backends = (
+        Backend("b" * 64, ip_address("fd00::2"), 53),
+        Backend("a" * 64, ip_address("172.17.0.2"), 53),
+    )
+    store.set_retired_udp(backends)
+    assert set(store.retired_udp()) == set(backends)
+    assert [b.container_id[0] for b in store.retired_udp()] == ["a", "b"]  # stable order
+    store.set_retired_udp(())
+    assert store.retired_udp() == ()
+    assert not (store.root / "conntrack" / "udp-retired.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("sub", "name", "content"),
+    [
+        ("leftover", "mail.json", '{"version": 1, "backend": "proxy"}'),
+        ("leftover", "mail.json", '{"version": 1, "backend": "proxy", "routes": 3}'),
+        ("conntrack", "udp-retired.json", '{"version": 1, "backends": [{"ip": "x"}]}'),
+    ],
+)
+def test_corrupt_typed_records_are_the_stores_error(
+    store: Store, sub: str, name: str, content: str
+) -> None:
+    (store.root / sub).mkdir(parents=True, exist_ok=True)
+    (store.root / sub / name).write_text(content)
+    with pytest.raises(NatportsError, match="is corrupt"):
+        store.leftover("mail") if sub == "leftover" else store.retired_udp()

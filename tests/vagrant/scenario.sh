@@ -19,6 +19,8 @@ APP="echo"
 APP2="echo2"
 PORT=2525         # the PORTS file's public port
 PORT2=2526        # added later with `dokku ports:set`
+PORT3=2527        # PORTS of the push after git:from-image
+UDP_PORT=5353     # EXPOSEd as udp: Dokku detects udp:5353:5353, natports must not route it
 PRIVATE=5025      # the app's port inside its container
 RETIRE=30         # dokku checks:set APP wait-to-retire
 DOKKU_ROOT="${DOKKU_ROOT:-/home/dokku}"
@@ -85,11 +87,20 @@ run() {
     printf '\n$ %s\n' "$*" >>"$LOG"
     "$@" >>"$LOG" 2>&1
 }
-# push MESSAGE: commit the sample app and deploy it with git push.
+# push MESSAGE [APP [GIT-PUSH-OPTION...]]: commit the sample app and deploy it with git push.
 push() {
+    local message="$1" app="${2:-$APP}"
+    shift $(($# < 2 ? $# : 2))
     git -C "$SRC" add -A \
-        && git -C "$SRC" -c user.name=natports -c user.email=natports@localhost commit -q -m "$1" \
-        && run env GIT_SSH_COMMAND="$GIT_SSH" git -C "$SRC" push "dokku@localhost:$APP" HEAD:master
+        && git -C "$SRC" -c user.name=natports -c user.email=natports@localhost commit -q -m "$message" \
+        && run env GIT_SSH_COMMAND="$GIT_SSH" git -C "$SRC" push "$@" "dokku@localhost:$app" HEAD:master
+}
+# push_fails MESSAGE [APP]: the push is refused; the commit is undone again.
+push_fails() {
+    local rc=0
+    push "$@" || rc=$?
+    git -C "$SRC" reset -q --hard HEAD~1
+    [ "$rc" -ne 0 ]
 }
 # greet PORT [COUNT]: the greeting ("RELEASE CONTAINER") of COUNT new connections to ADDR:PORT,
 # one line each ("<error ...>" for a failed one).
@@ -157,7 +168,10 @@ ENV RELEASE=v1
 # EXPOSE makes Dokku's port map http:5025:5025 (its nginx, not natports) and PORT=5025, so
 # Dokku's "port listening check" finds the app.
 EXPOSE 5025
+EXPOSE 5353/udp
 COPY server.py /app/server.py
+# The image carries PORTS too: git:from-image deploys of it read /app/PORTS.
+COPY PORTS /app/PORTS
 CMD ["python3", "-u", "/app/server.py"]
 EOF
 cat >"$SRC/PORTS" <<EOF
@@ -399,6 +413,65 @@ json="$(dokku natports:report "$APP" --format json 2>>"$LOG" || true)"
 # shellcheck disable=SC2086  # $cids: one argument per container id
 check "natports:report $APP --format json names both containers as backends" \
     json_ok "$json" 'sorted(b.split("@")[0] for b in r["backends"]) == sorted(a)' $cids
+
+# ------------------------------------------------- pushes Dokku must refuse (issue 7 facts)
+# A failing post-extract would not stop the push (plugins/git/functions:40,144): natports
+# checks at pre-build and in the once-per-type docker-args call, before any container.
+before="$(current_cids "$APP")"
+printf '%s\n' "$PORT:$PRIVATE" "$PORT2:70000" >"$SRC/PORTS"
+check "git push with an invalid PORTS (private port 70000) fails" push_fails "invalid PORTS"
+check "the failed push said where (PORTS:2:...)" has 'PORTS:2:[0-9]+: private port 70000' "$(cat "$LOG")"
+expect_eq "no container was replaced by the failed push" "$(current_cids "$APP")" "$before"
+expect_like "port $PORT still reaches the running release" "$(greet "$PORT")" "v2 *"
+git -C "$SRC" checkout -q -- PORTS 2>/dev/null || printf '%s\n' "$PORT:$PRIVATE" >"$SRC/PORTS"
+CLASH="${APP}clash"
+if dokku apps:exists "$CLASH" >/dev/null 2>&1; then run dokku apps:destroy "$CLASH" --force || true; fi
+check "dokku apps:create $CLASH" run dokku apps:create "$CLASH"
+rc=0
+run env GIT_SSH_COMMAND="$GIT_SSH" git -C "$SRC" push "dokku@localhost:$CLASH" HEAD:master || rc=$?
+check "git push of the same PORTS to $CLASH fails (port $PORT belongs to $APP)" test "$rc" -ne 0
+check "the refusal names the owner" has "port $PORT/tcp is already mapped by app \"$APP\"" "$(cat "$LOG")"
+expect_eq "$CLASH got no container" "$(current_cids "$CLASH")" ""
+check "dokku apps:destroy $CLASH --force" run dokku apps:destroy "$CLASH" --force
+
+# ------------------------------------------------- EXPOSE .../udp is detected, never routed
+detected="$(dokku ports:report "$APP" --ports-map-detected 2>>"$LOG" || true)"
+check "Dokku detected udp:$UDP_PORT:$UDP_PORT from EXPOSE $UDP_PORT/udp" has "udp:$UDP_PORT:$UDP_PORT" "$detected"
+check "natports routes no detected entry (no $UDP_PORT in table inet natports)" \
+    no_match "[^0-9]${UDP_PORT}[^0-9]" "$(nft_table)"
+
+# ---------------------------------------- git:from-image, then a git push (source-image stale)
+image="dokku/$APP:latest"
+check "dokku git:from-image $APP $image" run dokku git:from-image "$APP" "$image"
+expect_like "after git:from-image, port $PORT answers (PORTS read from the image)" \
+    "$(greet "$PORT")" "v2 *"
+printf '%s\n' "$PORT:$PRIVATE" "$PORT3:$PRIVATE" >"$SRC/PORTS"
+check "git push -f after git:from-image" push "after from-image" "$APP" -f
+expect_like "port $PORT3 of the pushed PORTS answers (not the image's PORTS)" "$(greet "$PORT3")" "v2 *"
+
+# ------------------------------------------- a domains toggle clears Dokku's port map
+check "dokku ports:add $APP http:80:$PRIVATE" run dokku ports:add "$APP" "http:80:$PRIVATE"
+expect_like "port $PORT2 (ports:set) answers before the toggle" "$(greet "$PORT2")" "v2 *"
+check "dokku domains:disable $APP (ports-clear, then a restart)" run dokku domains:disable "$APP"
+check "the restart reported the cleared map entry tcp:$PORT2:$PRIVATE" \
+    has "no longer lists tcp:$PORT2:$PRIVATE" "$(cat "$LOG")"
+expect_like "port $PORT2 is no longer routed, as Dokku's map says" "$(greet "$PORT2")" "<error*"
+expect_like "port $PORT (PORTS) still answers" "$(greet "$PORT")" "v2 *"
+check "dokku domains:enable $APP" run dokku domains:enable "$APP"
+check "dokku ports:add $APP tcp:$PORT2:$PRIVATE restores it" run dokku ports:add "$APP" "tcp:$PORT2:$PRIVATE"
+expect_like "port $PORT2 answers again" "$(greet "$PORT2")" "v2 *"
+
+# ------------------- a proxy other than nginx: proxy-build-config does not fire during deploys
+if as_root dokku plugin:list 2>/dev/null | grep -qw caddy-vhosts; then
+    check "dokku proxy:set $APP caddy" run dokku proxy:set "$APP" caddy
+    before="$(current_cids "$APP")"
+    check "dokku ps:rebuild $APP with the caddy proxy type" run dokku ps:rebuild "$APP"
+    after="$(current_cids "$APP")"
+    check "the rebuild replaced the containers" test "$after" != "$before"
+    expect_eq "new connections to port $PORT reach the new containers (routed at post-deploy)" \
+        "$(greet "$PORT" 10 | cut -d' ' -f2 | sort -u)" "$after"
+    check "dokku proxy:set $APP nginx" run dokku proxy:set "$APP" nginx
+fi
 
 if [ -n "$KEEP" ]; then
     summary

@@ -1,0 +1,77 @@
+"""What natports routes now, per public port: the documented `status --json` rows."""
+
+from __future__ import annotations
+
+from .backends.proxy import ProxyBackend
+from .conntrack import Flow, FlowCount, count_flows, local_addresses
+from .context import Context
+from .errors import NatportsError
+from .model import IPAddress, Protocol, Route
+
+
+def status(ctx: Context) -> list[dict[str, object]]:
+    """One entry per public port: the documented `status --json` schema."""
+    counters: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def counters_of(name: str) -> dict[str, tuple[int, int]]:
+        if name not in counters:
+            try:
+                counters[name] = ctx.backend_named(name).counters()
+            except NatportsError:
+                counters[name] = {}
+        return counters[name]
+
+    flows = FlowReader(ctx)
+    rows: list[dict[str, object]] = []
+    for app in ctx.store.applied_apps():
+        applied = ctx.store.applied(app)
+        if applied is None:
+            continue
+        backend = ctx.backend_named(applied.backend)
+        for route in applied.routes:
+            counts = flows.of(route) if applied.backend != ProxyBackend.name else None
+            found = counters_of(applied.backend).get(backend.route_id(route))
+            packets, nbytes = found if found else (None, None)
+            rows.append(
+                {
+                    "app": route.app,
+                    "process_type": route.process_type,
+                    "protocol": str(route.key.protocol),
+                    "family": route.key.family,
+                    "public_ip": None if route.key.public_ip is None else str(route.key.public_ip),
+                    "public_port": route.key.public_port,
+                    "private_port": route.private_port,
+                    "backends": [b.to_json() for b in route.backends],
+                    "backend": applied.backend,
+                    "packets": packets,
+                    "bytes": nbytes,
+                    "flows": None if counts is None else [c.to_json() for c in counts],
+                }
+            )
+    return rows
+
+
+class FlowReader:
+    """Live flows per route from conntrack: one dump per protocol and family, read once.
+
+    None for a route when conntrack cannot be read (not root)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._dumps: dict[tuple[Protocol, int], list[Flow]] = {}
+        self._local: frozenset[IPAddress] | None = None
+        self._broken = False
+
+    def of(self, route: Route) -> list[FlowCount] | None:
+        if self._broken:
+            return None
+        key = (route.key.protocol, route.key.family)
+        try:
+            if self._local is None:
+                self._local = local_addresses()
+            if key not in self._dumps:
+                self._dumps[key] = self.ctx.conntrack.flows(*key)
+        except (NatportsError, OSError):
+            self._broken = True
+            return None
+        return count_flows(self._dumps[key], route, self._local)
