@@ -485,3 +485,41 @@ def dokku_cli_exit(name: str) -> int:
     from natports import dokku_cli
 
     return int(getattr(dokku_cli, name))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stage", "Bad_App", "--build", BUILD, "--no-ports-file"],
+        ["docker-args", "Bad_App", "web"],
+        ["post-deploy", "Bad_App"],
+        ["ports-update", "Bad_App", "--ports-map", "tcp:25:5025"],
+        ["stop", "Bad_App"],
+        ["rename", "Bad_App", "good"],
+        ["clone", "good", "Bad_App"],
+        ["report", "Bad_App"],
+    ],
+)
+def test_a_trigger_for_a_name_natports_cannot_hold_does_nothing_and_succeeds(
+    cmd: Dokku, world: World, args: list[str]
+) -> None:
+    result = cmd(*args)
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert '"Bad_App" is not an app name natports serves; nothing done' in result.stderr
+    assert world.ctx.store.apps() == [] and world.nft.runs == 0
+
+
+def test_proxy_build_config_inside_a_deploy_leaves_routing_to_post_deploy(
+    cmd: Dokku, world: World
+) -> None:
+    run_containers(world, "mail", "172.17.0.2")
+    cmd("ports-update", "mail", "--ports-map", "tcp:25:5025")
+    cmd("stage", "mail", "--build", BUILD, stdin="26:5025\n")
+    run_containers(world, "mail", "172.17.0.3")  # the new release's web container is up
+    assert cmd("apply", "mail", "--build", BUILD).output == ""
+    assert world.nft.ports() == {25: ["172.17.0.2"]}  # untouched until post-deploy
+    cmd("post-deploy", "mail", "--build", BUILD)
+    assert world.nft.ports() == {25: ["172.17.0.3"], 26: ["172.17.0.3"]}  # map + PORTS
+    result = cmd("apply", "mail", "--build", DEAD_BUILD)  # ps:restart: no stage of its own
+    assert result.output == "natports: mail: routed to the current containers\n"

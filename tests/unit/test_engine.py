@@ -590,6 +590,18 @@ def test_flows_of_a_replaced_udp_backend_stay_while_it_lives_and_go_when_it_dies
     assert [b.container_id for b in world.ctx.store.retired_udp()] == [cid("d2")]
 
 
+def test_docker_away_during_the_udp_follow_up_is_a_warning_not_a_failed_flush(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dns_world(world)
+    engine.apply(world.ctx, "dns")
+    world.docker.down = True
+    engine.flush(world.ctx, "dns")  # d1 is now retired; is it gone? Docker cannot say
+    assert world.nft.ports() == {}
+    assert "UDP flows not cleaned: cannot reach Docker" in capsys.readouterr().err
+    assert [b.container_id for b in world.ctx.store.retired_udp()] == [cid("d1")]
+
+
 def test_a_conntrack_failure_is_a_warning_not_a_failed_apply(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:

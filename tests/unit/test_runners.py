@@ -59,6 +59,53 @@ def test_nft_errors_are_told_apart(bin_dir: Path) -> None:
         backend.run("x")
 
 
+def broken_tool(bin_dir: Path, name: str) -> None:
+    """An executable the kernel cannot start (its interpreter does not exist)."""
+    broken = bin_dir / name
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+
+
+def test_a_tool_that_cannot_start_is_a_runtime_error(bin_dir: Path) -> None:
+    from natports import runner
+
+    broken_tool(bin_dir, "nft")
+    with pytest.raises(NatportsError, match="cannot run nft"):
+        runner.run(["nft", "-f", "-"])
+    with pytest.raises(runner.ToolMissing, match="nothere not found"):
+        runner.run(["nothere"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OSError,
+    reason="the nft and iptables backends still call subprocess directly, not natports.runner: "
+    "no timeout, and a tool that cannot start escapes as OSError (a traceback, not exit 1)",
+)
+@pytest.mark.parametrize("tool", ["nft", "iptables-nft-restore"])
+def test_the_backends_run_their_tools_through_the_runner(bin_dir: Path, tool: str) -> None:
+    broken_tool(bin_dir, tool)
+    backend = (
+        NftBackend(TABLE)
+        if tool == "nft"
+        else IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
+    )
+    with pytest.raises(NatportsError, match=f"cannot run {tool}"):
+        backend.run("*nat\nCOMMIT\n")
+
+
+def test_a_hung_tool_is_stopped(bin_dir: Path) -> None:
+    from natports import runner
+
+    slow = bin_dir / "slow"
+    slow.write_text("#!/bin/sh\nexec sleep 5\n")
+    slow.chmod(0o755)
+    (bin_dir.parent / "helpers" / "sleep").symlink_to("/bin/sleep")
+    with pytest.raises(NatportsError, match=r"did not finish within 0\.2 s") as err:
+        runner.run(["slow"], timeout=0.2)
+    assert err.value.hint is not None and "nothing was changed" in err.value.hint
+
+
 def test_missing_nft_is_named(bin_dir: Path) -> None:
     with pytest.raises(NatportsError, match="nft not found") as err:
         NftBackend(TABLE).run("x")
