@@ -251,11 +251,6 @@ def test_a_bad_image_is_refused(world: World) -> None:
         dokku.read_ports_from_image(world.ctx, "nope")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_ports_from_image wraps its own InputError into NatportsError (exit 1, and "
-    "stage() then keeps an older stage): InputError is not a NatportsError",
-)
 def test_a_ports_in_an_image_that_is_not_a_small_regular_file_is_refused(world: World) -> None:
     class LinkApi:
         def inspect_image(self, image: str) -> dict[str, object]:
