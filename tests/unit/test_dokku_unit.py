@@ -290,11 +290,6 @@ class ArchiveApi:
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_ports_from_image wraps its own InputError into NatportsError (exit 1, and "
-    "stage() then keeps an older stage): InputError is not a NatportsError",
-)
 @pytest.mark.parametrize(
     ("archive", "why"),
     [
@@ -309,6 +304,16 @@ def test_a_ports_in_an_image_that_is_not_a_small_regular_file_is_refused(
     world.docker.api = ArchiveApi(archive)  # type: ignore[assignment]
     with pytest.raises(InputError, match=why):
         dokku.read_ports_from_image(world.ctx, "mail:v2")
+
+
+def test_a_refused_image_ports_fails_the_build_and_leaves_no_stage(
+    world: World, cmd: Dokku
+) -> None:
+    dokku.stage(world.ctx, "mail", BUILD, b"25:5025\n")
+    world.docker.api = ArchiveApi([symlink_tar()])  # type: ignore[assignment]
+    result = cmd("stage", "mail", "--build", BUILD, "--image", "mail:v2")
+    assert result.exit_code == 2 and "not a regular file" in result.output
+    assert world.ctx.store.document(dokku.STAGED, "mail") is None
 
 
 def test_an_empty_archive_means_no_ports(world: World) -> None:
