@@ -208,6 +208,21 @@ def test_stop_delete_rename(world: World) -> None:
     assert world.ctx.store.document(dokku.STAGED, "mail") is None
 
 
+def test_stop_and_rename_remove_the_rules_from_the_backend_that_serves_the_app(
+    world: World,
+) -> None:
+    deploy(world, "mail", b"25:5025\n", "172.17.0.2")
+    dokku.promote(world.ctx, "mail", None, BUILD)
+    world.use("iptables")  # the operator switched; mail was not applied since
+    dokku.rename(world.ctx, "mail", "post")
+    assert world.nft.ports() == {} and world.ipt.ports() == {}
+    run_containers(world, "post", "172.17.0.2")  # Dokku renamed the app's containers too
+    dokku.reapply(world.ctx, "post")
+    assert world.ipt.ports("post") == {25: ["172.17.0.2"]}
+    dokku.stop(world.ctx, "post")
+    assert world.ipt.ports() == {}
+
+
 def test_report_describes_sources_backends_and_kind(world: World) -> None:
     deploy(world, "mail", b"25:5025\n", "172.17.0.2")
     world.docker.add(container("mail1", "172.17.0.2", app="mail", published=[5025, 5026]))

@@ -687,6 +687,23 @@ def test_status_follows_the_documented_schema(world: World) -> None:
     }
 
 
+def test_status_reads_each_routes_counters_from_the_backend_that_serves_it(world: World) -> None:
+    mail_world(world, "172.17.0.2")
+    engine.apply(world.ctx, "mail")
+    world.use("iptables")
+    store_ports(world, "shop", "8080:5000\n")
+    world.docker.add(container("s1", "172.17.0.8", app="shop", published=[5000]))
+    deploy(world, "shop", "s1")
+    engine.apply(world.ctx, "shop")  # mail stays on nftables until it is applied again
+    for fake, app in ((world.nft, "mail"), (world.ipt, "shop")):
+        [route] = world.ctx.store.applied(app).routes  # type: ignore[union-attr]
+        fake.counts[fake.route_id(route)] = (len(app), 100)
+    rows = {r["app"]: r for r in engine.status(world.ctx)}
+    assert (rows["mail"]["backend"], rows["mail"]["packets"]) == ("nftables", 4)
+    assert (rows["shop"]["backend"], rows["shop"]["packets"]) == ("iptables", 4)
+    assert world.nft.ports() == {25: ["172.17.0.2"]}
+
+
 def test_status_says_null_when_the_kernel_cannot_be_read(world: World) -> None:
     mail_world(world, "172.17.0.2")
     engine.apply(world.ctx, "mail")
