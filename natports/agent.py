@@ -232,8 +232,12 @@ class Agent:
         return found
 
     def withdraw(self, dead: set[str]) -> None:
+        """A failed withdraw keeps the containers watched: the next tick tries again."""
+        changed: list[str] | None = None
         with self._step("withdraw"), self.ctx.store.locked():
             changed = engine.withdraw(self.ctx, dead)
+        if changed is None:
+            return
         for cid in dead:
             self.watched.pop(cid, None)
         if changed:
@@ -266,6 +270,7 @@ class Agent:
         self.report_listeners()
 
     def repair(self) -> None:
+        repaired: list[str] = []
         with self._step("drift check"), self.ctx.store.locked():
             repaired = engine.repair(self.ctx)
         if repaired:

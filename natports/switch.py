@@ -1,8 +1,8 @@
 """A switch as a value: decide everything first (`plan`, pure), then perform it (`commit`).
 
 The promise a switch keeps: the stored state never misses what the kernel may hold.
-  1. Before the batch, each app's applied state grows to previous + desired (removal
-     is idempotent, so over-claiming is safe).
+  1. Before the batch, each app's applied state grows to previous + desired, backends
+     of a route included (removal is idempotent, so over-claiming is safe).
   2. The backend runs the batch: all of it or none of it.
   3. After success, each app's state is exactly desired. An app that moved from
      another backend keeps that backend's routes as a *leftover* until they are
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .backends.proxy import ProxyBackend
 from .conntrack import (
@@ -65,7 +65,12 @@ def plan(
         else:
             previous_here += before
             merged = {r.key: r for r in before}
-            merged.update((r.key, r) for r in desired)
+            for r in desired:
+                old = merged.get(r.key)
+                # Both backend sets: if the batch fails, the kernel still DNATs to the old
+                # ones, and a death among them must still be withdrawn (fail closed).
+                both = tuple(sorted(set(old.backends) | set(r.backends))) if old else r.backends
+                merged[r.key] = replace(r, backends=both)
             if merged:
                 routes = tuple(sorted(merged.values(), key=Route.sort_key))
                 widened.append((app, Applied(backend, routes)))

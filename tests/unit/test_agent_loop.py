@@ -20,7 +20,7 @@ import pytest
 
 from natports import agent as agent_module
 from natports import engine
-from natports.agent import Agent, agent_state
+from natports.agent import Agent, Watched, agent_state
 from natports.containers import LABEL_APP
 from natports.policy import Listener
 from natports.store import Applied
@@ -139,19 +139,29 @@ def test_a_failing_step_is_counted_and_logged_and_the_agent_carries_on(world: Wo
     assert agent.counters.errors == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnboundLocalError,
-    reason="Agent.withdraw/repair use the step's result after _step swallowed the error: "
-    "a backend failure during withdraw crashes the agent's loop",
-)
 def test_a_failing_withdraw_is_counted_and_the_agent_carries_on(world: World) -> None:
     log: list[str] = []
     agent = Agent(world.ctx, log=quiet(log))
+    agent.watched[cid("m2")] = Watched(1, 1)
     world.nft.fail_next()
     agent.withdraw({cid("m2")})
     assert agent.counters.errors == 1
     assert log == ["withdraw failed: nftables failed: injected failure"]
+    assert cid("m2") in agent.watched  # still watched: the next tick tries again
+    agent.withdraw({cid("m2")})
+    assert cid("m2") not in agent.watched
+    assert agent.counters.withdrawals == 1
+
+
+def test_a_failing_drift_check_is_counted_and_the_agent_carries_on(world: World) -> None:
+    log: list[str] = []
+    agent = Agent(world.ctx, log=quiet(log))
+    world.nft.flush_ruleset()
+    world.nft.fail_next()
+    agent.repair()
+    assert agent.counters.errors == 1 and agent.counters.repairs == 0
+    agent.repair()
+    assert agent.counters.repairs == 1
 
 
 def test_reroute_and_resync_keep_a_broken_apps_routes_and_say_so(world: World) -> None:

@@ -376,12 +376,6 @@ def test_a_failing_full_apply_leaves_every_app_as_it_was(world: World) -> None:
     assert world.nft.ports() == {25: ["172.17.0.3"], 8080: ["172.17.0.9"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the widened state merges previous and desired routes by key, so after a failed "
-    "batch it names the desired backends, not the ones the kernel still holds: a death of "
-    "an old backend then withdraws nothing (fail closed broken until the next apply)",
-)
 def test_after_a_failed_batch_the_death_of_a_backend_the_kernel_holds_is_withdrawn(
     world: World,
 ) -> None:

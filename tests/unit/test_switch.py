@@ -26,7 +26,8 @@ DNS_V2 = route("dns", RouteKey(4, UDP, 53), 5053, "172.17.0.5")
 def test_a_switch_widens_first_and_narrows_after() -> None:
     records = {"mail": Applied("nftables", (MAIL, SUBMISSION))}
     p = switch.plan("nftables", "BATCH", records, {"mail": (MAIL_V2,)})
-    assert p.widened == (("mail", Applied("nftables", (MAIL_V2, SUBMISSION))),)
+    both = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", "172.17.0.3")
+    assert p.widened == (("mail", Applied("nftables", (both, SUBMISSION))),)
     assert p.after == (("mail", Applied("nftables", (MAIL_V2,))),)
     assert p.leftovers == ()
     assert p.retired == frozenset()  # TCP backends are never retired
@@ -100,6 +101,8 @@ def test_a_refused_batch_leaves_the_state_covering_the_kernel(tmp_path: Path) ->
     with pytest.raises(NatportsError):
         switch.commit(ctx, p)
     assert failing.runs == 1
-    # Widened, never narrowed: the next apply removes whatever the kernel may hold.
-    assert ctx.store.applied("mail") == Applied("nftables", (MAIL_V2, SUBMISSION))
+    # Widened, never narrowed: the next apply removes whatever the kernel may hold, and the
+    # old backend the kernel still DNATs to is still known (a death is still withdrawn).
+    both = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", "172.17.0.3")
+    assert ctx.store.applied("mail") == Applied("nftables", (both, SUBMISSION))
     assert ctx.store.leftover_apps() == []
