@@ -40,6 +40,9 @@ class Leftover:
 
     backend: str
     routes: tuple[Route, ...]
+    # True until the new backend's batch succeeded: the old routes are then still the
+    # ones serving, and must not be removed yet.
+    pending: bool = False
 
 
 def write_file_atomically(path: Path, payload: bytes) -> None:
@@ -182,7 +185,11 @@ class Store:
         with _shape_checked(path):
             routes = data["routes"]
             assert isinstance(routes, list)
-            return Leftover(str(data["backend"]), tuple(Route.from_json(r) for r in routes))
+            return Leftover(
+                str(data["backend"]),
+                tuple(Route.from_json(r) for r in routes),
+                bool(data.get("pending", False)),
+            )
 
     def set_leftover(self, app: str, leftover: Leftover) -> None:
         self._write(
@@ -191,6 +198,7 @@ class Store:
                 "version": SCHEMA_VERSION,
                 "backend": leftover.backend,
                 "routes": [r.to_json() for r in leftover.routes],
+                "pending": leftover.pending,
             },
         )
 

@@ -38,6 +38,7 @@ class Plan:
     backend: str  # the backend that runs the batch
     batch: str
     widened: tuple[tuple[str, Applied], ...]  # written before the batch
+    pending: tuple[tuple[str, Leftover], ...]  # moving apps' old routes, before the batch
     after: tuple[tuple[str, Applied | None], ...]  # written after it (None: removed)
     leftovers: tuple[tuple[str, Leftover], ...]  # old backends' routes of moved apps
     retired: frozenset[Backend]  # UDP backends that serve no more
@@ -52,6 +53,7 @@ def plan(
 ) -> Plan:
     """What a batch of `backend` does to the state, given each app's record and intent."""
     widened: list[tuple[str, Applied]] = []
+    pending: list[tuple[str, Leftover]] = []
     after: list[tuple[str, Applied | None]] = []
     leftovers: list[tuple[str, Leftover]] = []
     retired: set[Backend] = set()
@@ -61,6 +63,11 @@ def plan(
         record = records.get(app)
         before = record.routes if record else ()
         if record is not None and record.backend != backend:
+            # Moving: the new backend may hold `desired` once its batch ran (crash or not),
+            # and the old one keeps serving until then.
+            pending.append((app, Leftover(record.backend, before, pending=True)))
+            if desired:
+                widened.append((app, Applied(backend, desired)))
             leftovers.append((app, Leftover(record.backend, before)))
         else:
             previous_here += before
@@ -81,6 +88,7 @@ def plan(
         backend=backend,
         batch=batch,
         widened=tuple(widened),
+        pending=tuple(pending),
         after=tuple(after),
         leftovers=tuple(leftovers),
         retired=frozenset(retired),
@@ -90,11 +98,17 @@ def plan(
 
 def commit(ctx: Context, p: Plan) -> None:
     """Perform a plan; the caller holds the store's lock."""
+    for app, leftover in p.pending:
+        ctx.store.set_leftover(app, leftover)
     for app, applied in p.widened:
         ctx.store.set_applied(app, applied)
     ctx.backend_named(p.backend).run(p.batch)
     for app, leftover in p.leftovers:
         ctx.store.set_leftover(app, leftover)
+    for app, _ in p.after:  # an earlier move whose batch failed is confirmed by this one
+        earlier = ctx.store.leftover(app)
+        if earlier is not None and earlier.pending and earlier.backend != p.backend:
+            ctx.store.set_leftover(app, replace(earlier, pending=False))
     for app, result in p.after:
         if result is None:
             ctx.store.remove_applied(app)
@@ -113,7 +127,7 @@ def remove_leftovers(ctx: Context) -> None:
     """Remove what old backends still hold; a failure is retried at the next change."""
     for app in ctx.store.leftover_apps():
         leftover = ctx.store.leftover(app)
-        if leftover is None:
+        if leftover is None or leftover.pending:
             continue
         try:
             old = ctx.backend_named(leftover.backend)

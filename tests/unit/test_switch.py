@@ -54,7 +54,10 @@ def test_a_changed_or_new_udp_route_is_cleaned_and_its_old_backend_retired() -> 
 def test_an_app_moving_from_another_backend_leaves_a_leftover() -> None:
     records = {"dns": Applied("proxy", (DNS,))}
     p = switch.plan("nftables", "B", records, {"dns": (DNS,)})
-    assert p.widened == ()  # the proxy's routes are not the new backend's
+    # Before the batch: the new backend may hold the routes once it ran, the proxy still
+    # serves them (pending: not to be removed until a batch of the new backend succeeded).
+    assert p.widened == (("dns", Applied("nftables", (DNS,))),)
+    assert p.pending == (("dns", Leftover("proxy", (DNS,), pending=True)),)
     assert p.leftovers == (("dns", Leftover("proxy", (DNS,))),)
     assert p.after == (("dns", Applied("nftables", (DNS,))),)
     # the proxy's entries end on the host: the kernel backend must clean them up
