@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import NatportsError
 from ..model import Route
 from . import nft_render
-from .nft_render import LiveElement, LiveTable
+from .nft_render import LiveTable
 
 
 class NftBackend:
@@ -41,25 +41,32 @@ class NftBackend:
         self._nft(["-f", "-"], batch)
 
     def live(self) -> LiveTable | None:
-        out = self._nft(["-j", "list", "table", *self.table.split()], missing_ok=True)
+        """Only what reconciling carries over: the routes' counters."""
+        doc = self._list_table()
+        return None if doc is None else LiveTable(parse_counters(doc))
+
+    def intact(self) -> bool:
+        """One cheap read: the dispatch chain holds the skeleton's rules.
+
+        It lists one chain (no elements), so it costs the same at any table size.
+        """
+        out = self._nft(["-j", "list", "chain", *self.table.split(), "dispatch"], missing_ok=True)
         if out is None:
-            return None
-        return parse_live(json.loads(out))
+            return False
+        rules = [i for i in json.loads(out).get("nftables", []) if "rule" in i]
+        return len(rules) == DISPATCH_RULES
 
     def route_id(self, route: Route) -> str:
-        return nft_render.chain_name(route.app, route.key)
+        return nft_render.route_id(route.key)
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """chain name -> (packets, bytes) of each route's named counter."""
-        out = self._nft(["-j", "list", "counters", "table", *self.table.split()], missing_ok=True)
-        if out is None:
-            return {}
-        result: dict[str, tuple[int, int]] = {}
-        for item in json.loads(out).get("nftables", []):
-            counter = item.get("counter")
-            if counter:
-                result[counter["name"]] = (int(counter["packets"]), int(counter["bytes"]))
-        return result
+        """route_id -> (packets, bytes) of each route's element in the counter sets."""
+        doc = self._list_table()
+        return {} if doc is None else parse_counters(doc)
+
+    def _list_table(self) -> dict[str, Any] | None:
+        out = self._nft(["-j", "list", "table", *self.table.split()], missing_ok=True)
+        return None if out is None else dict(json.loads(out))
 
     def _nft(self, args: list[str], stdin: str = "", missing_ok: bool = False) -> str | None:
         binary = shutil.which(self.nft)
@@ -86,25 +93,37 @@ class NftBackend:
         )
 
 
-def parse_live(doc: dict[str, Any]) -> LiveTable:
-    chains: set[str] = set()
-    elements: set[LiveElement] = set()
-    counters: set[str] = set()
+DISPATCH_RULES = sum(
+    1
+    for line in nft_render.skeleton("inet t")
+    if " dispatch " in line and line.startswith("add rule")
+)
+
+
+def parse_counters(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """route_id -> (packets, bytes), from `nft -j list table`'s counter sets."""
+    result: dict[str, tuple[int, int]] = {}
     for item in doc.get("nftables", []):
-        if "chain" in item:
-            chains.add(item["chain"]["name"])
-        elif "counter" in item:
-            counters.add(item["counter"]["name"])
-        elif "map" in item:
-            m = item["map"]
-            for key, verdict in m.get("elem", []):
-                target = verdict.get("goto", verdict.get("jump", {})).get("target")
-                if target:
-                    elements.add(LiveElement(m["name"], _key_text(key), target))
-    return LiveTable(frozenset(chains), frozenset(elements), frozenset(counters))
+        found = item.get("set")
+        if not found or not str(found.get("name", "")).startswith("count_"):
+            continue
+        for elem in found.get("elem", []):
+            inner = elem.get("elem") if isinstance(elem, dict) else None
+            if inner is None:
+                continue  # an element without a counter (cannot happen in our sets)
+            counter = inner.get("counter") or {}
+            key = f"{found['name']}:{_key_text(inner['val'])}"
+            result[key] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+    return result
 
 
 def _key_text(key: Any) -> str:
+    """nft's JSON for an element key, back to the text the renderer writes."""
     if isinstance(key, dict) and "concat" in key:
-        return " . ".join(str(part) for part in key["concat"])
+        return " . ".join(_key_text(part) for part in key["concat"])
+    if isinstance(key, dict) and "range" in key:
+        low, high = key["range"]
+        return f"{low}-{high}"
+    if isinstance(key, dict) and "prefix" in key:
+        return f"{key['prefix']['addr']}/{key['prefix']['len']}"
     return str(key)

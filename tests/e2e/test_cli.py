@@ -247,7 +247,7 @@ def test_dry_run_prints_the_batch_and_changes_nothing(cli: Cli, containers: Cont
     cli("ports", "set", "mail", input=f"{PORT}:5025\n")
     c = containers.start("v1")
     batch = cli("apply", "--app", "mail", "--container", c.id, "--dry-run").stdout
-    assert f"dnat ip to {c.ip} : 5025" in batch
+    assert f"tcp . {PORT} : {c.ip} . 5025" in batch
     assert not table_exists()
     assert cli.status() == []
     # and that batch is exactly what apply runs
@@ -341,7 +341,7 @@ def test_switching_backends_moves_an_app_without_a_gap(
     try:
         cli("--backend", "iptables", "apply", "--app", "mail", "--container", c.id)
         assert [r["backend"] for r in cli.status()] == ["iptables"]
-        assert "a_mail_" not in table_text()  # the old backend's rules are gone
+        assert f"tcp . {PORT}" not in table_text()  # the old backend's rules are gone
         assert client_net.connect_once(PORT) == {"tag": "v1"}  # served by iptables now
         assert held.ask("still") == "v1 still"  # conntrack kept the established flow
     finally:
