@@ -206,8 +206,8 @@ def status(ctx: engine.Context, as_json: bool) -> None:
             (
                 str(r["app"]),
                 str(r["process_type"]),
-                f"{host}:{r['public_port']}/{r['protocol']}",
-                str(r["private_port"]),
+                f"{host}:{_ports(r, 'public')}/{r['protocol']}",
+                _ports(r, "private"),
                 ",".join(f"{b['container_id'][:12]}@{b['ip']}" for b in backends),
                 "-" if r["packets"] is None else str(r["packets"]),
                 "-" if r["bytes"] is None else str(r["bytes"]),
@@ -216,6 +216,12 @@ def status(ctx: engine.Context, as_json: bool) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _ports(row: dict[str, object], side: str) -> str:
+    """`25`, or `10000-19999` for a range (rows without `*_port_end` are single ports)."""
+    start, end = row[f"{side}_port"], row.get(f"{side}_port_end", row[f"{side}_port"])
+    return str(start) if start == end else f"{start}-{end}"
 
 
 @main.command()

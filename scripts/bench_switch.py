@@ -155,6 +155,11 @@ def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> d
         batch = renderer.plan_app(pair[i % 2], pair[(i + 1) % 2])
         switch.append(timed(nft, batch))
     lines = batch.count("\n")
+    intact = []
+    for _ in range(5 if not renderer.expand else 0):  # intact() reads this layout
+        start = time.perf_counter()
+        nft.intact()
+        intact.append((time.perf_counter() - start) * 1000)
     everything = [*others, *pair[SWITCHES % 2]]
     full_run, full_total = [], []
     for _ in range(FULL_APPLIES if count == 1 else 0):
@@ -167,6 +172,7 @@ def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> d
         "range_ports": count if count > 1 else None,
         "switch_ms": round(statistics.median(switch), 2),
         "switch_lines": lines,
+        "intact_ms": round(statistics.median(intact), 2) if intact else None,
         "full_apply_ms": round(statistics.median(full_run), 1) if full_run else None,
         "full_apply_with_read_ms": round(statistics.median(full_total), 1) if full_total else None,
     }
@@ -178,22 +184,36 @@ def run_all(nft: NftBackend, renderer: Renderer, sizes: Sequence[int]) -> list[d
     return rows
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
 def table(name: str, rows: list[dict[str, Any]]) -> None:
     print(f"renderer: {name}")
-    print("  routes   | switch batch (median) | lines | full apply (nft run) | plan + run")
+    head = ("table", "switch batch", "lines", "full apply", "plan + full apply", "intact()")
+    out = [head]
     for row in rows:
-        what = f"{row['routes']:>6}" + (
-            f" + {row['range_ports']}-port range" if row["range_ports"] else ""
+        what = f"{row['routes']} routes"
+        if row["range_ports"]:
+            what += f", switching a {row['range_ports']}-port range"
+        out.append(
+            (
+                what,
+                f"{row['switch_ms']:.2f} ms",
+                str(row["switch_lines"]),
+                _ms(row["full_apply_ms"]),
+                _ms(row["full_apply_with_read_ms"]),
+                _ms(row["intact_ms"]),
+            )
         )
-        full = "-" if row["full_apply_ms"] is None else f"{row['full_apply_ms']:8.1f} ms"
-        total = (
-            "-"
-            if row["full_apply_with_read_ms"] is None
-            else f"{row['full_apply_with_read_ms']:8.1f} ms"
-        )
+    widths = [max(len(r[i]) for r in out) for i in range(len(head))]
+    for r in out:
         print(
-            f"  {what:<30} {row['switch_ms']:8.2f} ms {row['switch_lines']:6d}"
-            f"   {full:>14}   {total:>11}"
+            "  "
+            + " | ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
         )
     base = rows[0]["switch_ms"]
     top = [r for r in rows if not r["range_ports"]][-1]

@@ -1,17 +1,18 @@
 """Routes -> `nft -f -` batch text. Pure: tested by exact expected text.
 
-Layout of the one table natports owns, `inet natports` (F is 4 or 6):
+Layout of the one table natports owns, `inet natports` (F is 4 or 6; each
+`_any` map has an `_addr` twin keyed by host address first, for routes on one
+host address):
 
-    map  dnat_anyF    proto . port          : address . port   one backend, one port
-    map  dnat_addrF   address . proto . port : address . port   the same on one host address
-    map  goto_anyF    proto . port[-end]    : goto <route chain> several backends, or a range
-    map  goto_addrF   address . proto . port[-end] : goto <route chain>
-    set  count_anyF / count_addrF            every route's key, with a counter per element
-    set  hairpin_anyF / hairpin_addrF        source subnet . key: flows that need masquerade
+    map  dnat_anyF    proto . port : address . port    one backend: DNAT from the lookup
+    map  goto_anyF    proto . port : goto <chain>      several backends (numgen in the chain)
+    map  range_anyF   proto . port-end : goto <chain>  ranges (interval map, counter per element)
+    set  count_anyF   proto . port                     every single-port route, counter per element
+    set  hairpinF     the backends' subnets: flows from there are marked for masquerade
     chain prerouting (nat, priority -110)    traffic from outside to a host address
     chain output     (nat, priority -110)    traffic from the host itself, loopback excluded
-    chain postrouting(nat, priority 90)      masquerade hairpin flows (marked in dispatch)
-    chain dispatch                           counts, marks, then DNATs through the maps
+    chain postrouting(nat, priority 90)      masquerade hairpin flows (packet mark bit)
+    chain dispatch                           counts and marks, then DNATs through the maps
     chain r_<app>_<digest>                   only for a route with several backends or a range
 
 A route with one backend and one port is one element of a `dnat_` map: the
@@ -21,6 +22,14 @@ elements do not change when the route's backend does, so totals survive
 switches. A switch of one app is a handful of element updates; `nft` never has
 to load the other apps' objects (no chain, no named counter per route), so its
 cost does not depend on the size of the table (docs/performance.md).
+
+Single ports live in hash maps and sets: concatenated interval sets (pipapo)
+cost O(n) per insertion, which made a full apply of 30,000 routes take 20 s.
+Only ranges use them (`range_` maps), and only the hairpin subnets (few) are
+intervals otherwise.
+
+Every flow natports DNATs also gets CT_MARK in its conntrack mark: the forward
+accept in Docker's DOCKER-USER chain keys on it (natports/forwarding.py).
 
 Priority -110 runs before Docker's nat chains (-100): netfilter keeps the first
 NAT binding, and ours must win for our ports.
@@ -36,7 +45,8 @@ from dataclasses import dataclass
 from ..model import Route, RouteKey, host_text
 
 TABLE = "inet natports"  # family and name; tests use another name to stay apart
-HAIRPIN_MARK = 0x00100000
+HAIRPIN_MARK = 0x00100000  # packet mark bit: masquerade this flow in postrouting
+CT_MARK = 0x00100000  # conntrack mark bit: natports DNATed this flow (forward accept)
 PRIORITY_DNAT = -110
 PRIORITY_SNAT = 90
 FAMILIES = (4, 6)
@@ -77,13 +87,9 @@ def element_key(key: RouteKey) -> str:
 
 
 def route_id(key: RouteKey) -> str:
-    """Where `counters` reports a route: its counter set and element key."""
-    return f"count_{scope(key)}:{element_key(key)}"
-
-
-def is_direct(route: Route) -> bool:
-    """One backend and one port: DNAT from the map lookup, no chain."""
-    return len(route.backends) == 1 and route.key.count == 1
+    """Where `counters` reports a route: the set (or range map) and element with its counter."""
+    where = "range" if key.count > 1 else "count"
+    return f"{where}_{scope(key)}:{element_key(key)}"
 
 
 def _dnat_value(route: Route) -> str:
@@ -96,46 +102,36 @@ def skeleton(table: str = TABLE) -> list[str]:
     lines = [f"add table {table}"]
     for f in FAMILIES:
         a = _addr_type(f)
-        lines += [
-            f"add map {table} dnat_any{f} "
-            f"{{ type inet_proto . inet_service : {a} . inet_service ; }}",
-            f"add map {table} dnat_addr{f} "
-            f"{{ type {a} . inet_proto . inet_service : {a} . inet_service ; }}",
-            f"add map {table} goto_any{f} "
-            "{ type inet_proto . inet_service : verdict ; flags interval ; }",
-            f"add map {table} goto_addr{f} "
-            f"{{ type {a} . inet_proto . inet_service : verdict ; flags interval ; }}",
-            f"add set {table} count_any{f} "
-            "{ type inet_proto . inet_service ; flags interval ; counter ; }",
-            f"add set {table} count_addr{f} "
-            f"{{ type {a} . inet_proto . inet_service ; flags interval ; counter ; }}",
-            f"add set {table} hairpin_any{f} "
-            f"{{ type {a} . inet_proto . inet_service ; flags interval ; }}",
-            f"add set {table} hairpin_addr{f} "
-            f"{{ type {a} . {a} . inet_proto . inet_service ; flags interval ; }}",
-        ]
+        for where, key in (("any", "inet_proto . inet_service"), ("addr", f"{a} . {key_tail()}")):
+            lines += [
+                f"add map {table} dnat_{where}{f} {{ type {key} : {a} . inet_service ; }}",
+                f"add map {table} goto_{where}{f} {{ type {key} : verdict ; }}",
+                f"add map {table} range_{where}{f} "
+                f"{{ type {key} : verdict ; flags interval ; counter ; }}",
+                f"add set {table} count_{where}{f} {{ type {key} ; counter ; }}",
+            ]
+        lines.append(f"add set {table} hairpin{f} {{ type {a} ; flags interval ; }}")
     lines += [f"add chain {table} dispatch", f"flush chain {table} dispatch"]
     rule = f"add rule {table} dispatch"
+    ct = f"ct mark set ct mark | {CT_MARK:#010x}"
     mark = f"meta mark set meta mark | {HAIRPIN_MARK:#010x}"
     for f in FAMILIES:
         ip, nf = _ip(f), f"meta nfproto ipv{f}"
-        # A counter set lookup counts and changes nothing; a miss just ends the rule.
-        lines += [
-            f"{rule} {ip} daddr . meta l4proto . th dport @count_addr{f}",
-            f"{rule} {nf} meta l4proto . th dport @count_any{f}",
-            f"{rule} {ip} saddr . {ip} daddr . meta l4proto . th dport @hairpin_addr{f} {mark}",
-            f"{rule} {ip} saddr . meta l4proto . th dport @hairpin_any{f} {mark}",
-        ]
-    for f in FAMILIES:
-        ip, nf = _ip(f), f"meta nfproto ipv{f}"
-        lines += [
-            f"{rule} {ip} daddr . meta l4proto . th dport vmap @goto_addr{f}",
-            f"{rule} {nf} meta l4proto {{ tcp, udp }} "
-            f"dnat {ip} to {ip} daddr . meta l4proto . th dport map @dnat_addr{f}",
-            f"{rule} {nf} meta l4proto . th dport vmap @goto_any{f}",
-            f"{rule} {nf} meta l4proto {{ tcp, udp }} "
-            f"dnat {ip} to meta l4proto . th dport map @dnat_any{f}",
-        ]
+        addr_key = f"{ip} daddr . meta l4proto . th dport"
+        any_key = f"{nf} meta l4proto . th dport"
+        # Exactly one counter lookup per packet: from a backend subnet (hairpin) or not.
+        for key, where in ((addr_key, "addr"), (any_key, "any")):
+            lines += [
+                f"{rule} {ip} saddr != @hairpin{f} {key} @count_{where}{f} {ct}",
+                f"{rule} {ip} saddr @hairpin{f} {key} @count_{where}{f} {mark} {ct}",
+            ]
+        for key, where, daddr in ((addr_key, "addr", f"{ip} daddr . "), (any_key, "any", "")):
+            lines += [
+                f"{rule} {key} vmap @goto_{where}{f}",
+                f"{rule} {nf} meta l4proto {{ tcp, udp }} "
+                f"dnat {ip} to {daddr}meta l4proto . th dport map @dnat_{where}{f}",
+                f"{rule} {key} vmap @range_{where}{f}",
+            ]
     for hook, prio in (
         ("prerouting", PRIORITY_DNAT),
         ("output", PRIORITY_DNAT),
@@ -155,9 +151,25 @@ def skeleton(table: str = TABLE) -> list[str]:
     return lines
 
 
-def _hairpin_elements(route: Route) -> list[str]:
-    key = element_key(route.key)
-    return [f"{subnet} . {key}" for subnet in route.hairpin_subnets]
+def key_tail() -> str:
+    return "inet_proto . inet_service"
+
+
+def counter_objects() -> list[tuple[str, str]]:
+    """(`set` or `map`, name) of everything holding route counters."""
+    return [
+        (what, f"{prefix}_{where}{f}")
+        for f in FAMILIES
+        for where in ("any", "addr")
+        for what, prefix in (("set", "count"), ("map", "range"))
+    ]
+
+
+def kind(route: Route) -> str:
+    """Which map holds the route: `dnat` (one backend), `goto` (several), `range`."""
+    if route.key.count > 1:
+        return "range"
+    return "dnat" if len(route.backends) == 1 else "goto"
 
 
 def _targets(route: Route) -> str:
@@ -180,12 +192,35 @@ def _targets(route: Route) -> str:
 
 def _chain_lines(route: Route, table: str) -> list[str]:
     name = chain_name(route.app, route.key)
-    ip = _ip(route.key.family)
-    return [
-        f"add chain {table} {name}",
-        f"flush chain {table} {name}",
-        f"add rule {table} {name} meta l4proto {route.key.protocol} dnat {ip} to {_targets(route)}",
-    ]
+    f = route.key.family
+    ip = _ip(f)
+    lines = [f"add chain {table} {name}", f"flush chain {table} {name}"]
+    if kind(route) == "range":
+        # Ranges are not in the count sets, whose dispatch rules mark the other routes.
+        lines.append(
+            f"add rule {table} {name} {ip} saddr @hairpin{f} "
+            f"meta mark set meta mark | {HAIRPIN_MARK:#010x}"
+        )
+        ct = f"ct mark set ct mark | {CT_MARK:#010x} "
+    else:
+        ct = ""
+    lines.append(
+        f"add rule {table} {name} meta l4proto {route.key.protocol} {ct}"
+        f"dnat {ip} to {_targets(route)}"
+    )
+    return lines
+
+
+def _element(route: Route) -> str:
+    """The route's element in its `kind` map."""
+    key = element_key(route.key)
+    if kind(route) == "dnat":
+        return f"{key} : {_dnat_value(route)}"
+    return f"{key} : goto {chain_name(route.app, route.key)}"
+
+
+def _map(route: Route) -> str:
+    return f"{kind(route)}_{scope(route.key)}"
 
 
 def _add(table: str, name: str, items: Iterable[str]) -> list[str]:
@@ -199,38 +234,39 @@ def _remove(table: str, name: str, items: Iterable[str], keys: Iterable[str]) ->
     return lines
 
 
-def _remove_route_target(route: Route, table: str) -> list[str]:
-    """The dnat element, or the goto element and the chain, of a route that goes or changes."""
+def _remove_target(route: Route, table: str) -> list[str]:
+    """The map element (and chain) of a route that goes or changes kind or backend."""
     key = element_key(route.key)
-    if is_direct(route):
-        return _remove(table, f"dnat_{scope(route.key)}", [f"{key} : {_dnat_value(route)}"], [key])
+    if kind(route) == "dnat":
+        return _remove(table, _map(route), [_element(route)], [key])
     name = chain_name(route.app, route.key)
     return [
         f"add chain {table} {name}",
-        *_remove(table, f"goto_{scope(route.key)}", [f"{key} : goto {name}"], [key]),
+        *_remove(table, _map(route), [_element(route)], [key]),
         f"flush chain {table} {name}",
         f"delete chain {table} {name}",
     ]
 
 
-def _add_route_target(route: Route, table: str) -> list[str]:
-    key = element_key(route.key)
-    if is_direct(route):
-        return _add(table, f"dnat_{scope(route.key)}", [f"{key} : {_dnat_value(route)}"])
-    name = chain_name(route.app, route.key)
-    return [
-        *_chain_lines(route, table),
-        *_add(table, f"goto_{scope(route.key)}", [f"{key} : goto {name}"]),
-    ]
+def _add_target(route: Route, table: str) -> list[str]:
+    if kind(route) == "dnat":
+        return _add(table, _map(route), [_element(route)])
+    return [*_chain_lines(route, table), *_add(table, _map(route), [_element(route)])]
 
 
 def _same_target(a: Route, b: Route) -> bool:
-    """Would the kernel hold the same element (and chain) for both?"""
-    if is_direct(a) != is_direct(b):
-        return False
-    if is_direct(a):
-        return _dnat_value(a) == _dnat_value(b)
-    return chain_name(a.app, a.key) == chain_name(b.app, b.key)
+    """Would the kernel hold the same element for both? (A chain's rules are refilled anyway.)"""
+    return bool(a.backends) == bool(b.backends) and _element(a) == _element(b)
+
+
+def _hairpin_lines(routes: Iterable[Route], table: str) -> list[str]:
+    """Subnets are shared by apps: added here, removed only by a reconcile."""
+    lines = []
+    for f in FAMILIES:
+        subnets = sorted({s for r in routes if r.key.family == f for s in r.hairpin_subnets})
+        if subnets:
+            lines.append(f"add element {table} hairpin{f} {{ {', '.join(subnets)} }}")
+    return lines
 
 
 def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE) -> str:
@@ -244,31 +280,18 @@ def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str =
     wanted = {r.key: r for r in desired}
     for old in sorted(previous, key=Route.sort_key):
         new = wanted.get(old.key)
-        if new is None:
+        if new is None and kind(old) != "range":
             key = element_key(old.key)
             lines += _remove(table, f"count_{scope(old.key)}", [key], [key])
-            hairpin = _hairpin_elements(old)
-            lines += _remove(table, f"hairpin_{scope(old.key)}", hairpin, hairpin)
-            lines += _remove_route_target(old, table)
-            continue
-        gone = sorted(set(_hairpin_elements(old)) - set(_hairpin_elements(new)))
-        lines += _remove(table, f"hairpin_{scope(old.key)}", gone, gone)
-        if not _same_target(old, new):
-            lines += _remove_route_target(old, table)
+        if old.backends and (new is None or not _same_target(old, new)):
+            lines += _remove_target(old, table)
+    lines += _hairpin_lines(desired, table)
     for route in sorted(desired, key=Route.sort_key):
-        lines += _route_lines(route, table)
+        if kind(route) != "range":
+            lines += _add(table, f"count_{scope(route.key)}", [element_key(route.key)])
+        if route.backends:  # a route without backends is counted, never DNATed
+            lines += _add_target(route, table)
     return "\n".join(lines) + "\n"
-
-
-def _route_lines(route: Route, table: str) -> list[str]:
-    key = element_key(route.key)
-    lines = _add(table, f"count_{scope(route.key)}", [key])
-    hairpin = _hairpin_elements(route)
-    if hairpin:
-        lines.append(f"add element {table} hairpin_{scope(route.key)} {{ {', '.join(hairpin)} }}")
-    if not route.backends:
-        return lines  # nothing to send its flows to: counted, never DNATed
-    return lines + _add_route_target(route, table)
 
 
 @dataclass(frozen=True)
@@ -276,6 +299,14 @@ class LiveTable:
     """What reconciling needs from the kernel: the counters, to carry them over."""
 
     counters: dict[str, tuple[int, int]]
+
+
+def _with_counter(item: str, found: tuple[int, int] | None) -> str:
+    """`key` or `key counter packets P bytes B` (before the `: value` of a map element)."""
+    if not found or found == (0, 0):
+        return item
+    key, sep, value = item.partition(" : ")
+    return f"{key} counter packets {found[0]} bytes {found[1]}{sep}{value}"
 
 
 def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
@@ -288,27 +319,21 @@ def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: st
     """
     counters = {} if live is None else live.counters
     lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
+    lines += _hairpin_lines(desired, table)
     elements: dict[str, list[str]] = {}
     for route in sorted(desired, key=Route.sort_key):
-        where = scope(route.key)
-        key = element_key(route.key)
         found = counters.get(route_id(route.key))
-        if found and found != (0, 0):
-            key = f"{key} counter packets {found[0]} bytes {found[1]}"
-        elements.setdefault(f"count_{where}", []).append(key)
-        elements.setdefault(f"hairpin_{where}", []).extend(_hairpin_elements(route))
+        if kind(route) != "range":
+            count = _with_counter(element_key(route.key), found)
+            elements.setdefault(f"count_{scope(route.key)}", []).append(count)
+            found = None
         if not route.backends:
             continue
-        target = element_key(route.key)
-        if is_direct(route):
-            elements.setdefault(f"dnat_{where}", []).append(f"{target} : {_dnat_value(route)}")
-        else:
+        if kind(route) != "dnat":
             lines += _chain_lines(route, table)
-            name = chain_name(route.app, route.key)
-            elements.setdefault(f"goto_{where}", []).append(f"{target} : goto {name}")
+        elements.setdefault(_map(route), []).append(_with_counter(_element(route), found))
     for name, items in elements.items():
-        if items:
-            lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
+        lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -41,32 +41,42 @@ class NftBackend:
         self._nft(["-f", "-"], batch)
 
     def live(self) -> LiveTable | None:
-        """Only what reconciling carries over: the routes' counters."""
-        doc = self._list_table()
-        return None if doc is None else LiveTable(parse_counters(doc))
+        """Only what reconciling carries over: the routes' counters (None: no table)."""
+        if not self._chains():
+            return None
+        return LiveTable(self.counters())
 
     def intact(self) -> bool:
-        """One cheap read: the dispatch chain holds the skeleton's rules.
+        """One cheap read: the table and the skeleton's chains exist.
 
-        It lists one chain (no elements), so it costs the same at any table size.
+        `nft list chains` lists no rules and no elements, so it costs the same at any
+        table size (listing one chain's rules made nft fetch every set element: 0.3 s
+        at 30,000 routes). What removes natports' rules in practice (`nft flush
+        ruleset`, a firewall reload, `delete table`) removes the chains too.
         """
-        out = self._nft(["-j", "list", "chain", *self.table.split(), "dispatch"], missing_ok=True)
-        if out is None:
-            return False
-        rules = [i for i in json.loads(out).get("nftables", []) if "rule" in i]
-        return len(rules) == DISPATCH_RULES
+        return self._chains() >= SKELETON_CHAINS
+
+    def _chains(self) -> set[str]:
+        family, name = self.table.split()
+        out = self._nft(["-j", "list", "chains", family])
+        assert out is not None
+        return {
+            str(item["chain"]["name"])
+            for item in json.loads(out).get("nftables", [])
+            if "chain" in item and item["chain"].get("table") == name
+        }
 
     def route_id(self, route: Route) -> str:
         return nft_render.route_id(route.key)
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """route_id -> (packets, bytes) of each route's element in the counter sets."""
-        doc = self._list_table()
-        return {} if doc is None else parse_counters(doc)
-
-    def _list_table(self) -> dict[str, Any] | None:
-        out = self._nft(["-j", "list", "table", *self.table.split()], missing_ok=True)
-        return None if out is None else dict(json.loads(out))
+        """route_id -> (packets, bytes): only the sets and maps that carry counters are read."""
+        result: dict[str, tuple[int, int]] = {}
+        for kind, name in nft_render.counter_objects():
+            out = self._nft(["-j", "list", kind, *self.table.split(), name], missing_ok=True)
+            if out is not None:
+                result.update(parse_counters(json.loads(out)))
+        return result
 
     def _nft(self, args: list[str], stdin: str = "", missing_ok: bool = False) -> str | None:
         binary = shutil.which(self.nft)
@@ -93,24 +103,22 @@ class NftBackend:
         )
 
 
-DISPATCH_RULES = sum(
-    1
-    for line in nft_render.skeleton("inet t")
-    if " dispatch " in line and line.startswith("add rule")
-)
+SKELETON_CHAINS = {"dispatch", "prerouting", "output", "postrouting"}
 
 
 def parse_counters(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """route_id -> (packets, bytes), from `nft -j list table`'s counter sets."""
+    """route_id -> (packets, bytes): the `count_` sets' and `range_` maps' element counters."""
     result: dict[str, tuple[int, int]] = {}
     for item in doc.get("nftables", []):
-        found = item.get("set")
-        if not found or not str(found.get("name", "")).startswith("count_"):
+        found = item.get("set") or item.get("map")
+        if not found or not str(found.get("name", "")).startswith(("count_", "range_")):
             continue
         for elem in found.get("elem", []):
+            if isinstance(elem, list):  # a map element: [key, value]
+                elem = elem[0]
             inner = elem.get("elem") if isinstance(elem, dict) else None
-            if inner is None:
-                continue  # an element without a counter (cannot happen in our sets)
+            if not isinstance(inner, dict):
+                continue  # an element without a counter (cannot happen in these)
             counter = inner.get("counter") or {}
             key = f"{found['name']}:{_key_text(inner['val'])}"
             result[key] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))

@@ -232,6 +232,8 @@ def test_status_json_schema(cli: Cli, client_net: ClientNet, containers: Contain
         "public_ip": None,
         "public_port": PORT,
         "private_port": 5025,
+        "public_port_end": PORT,
+        "private_port_end": 5025,
         "backends": [{"container_id": c.id, "ip": c.ip, "port": 5025}],
         "backend": "nftables",
         "packets": tcp["packets"],

@@ -27,39 +27,45 @@ UDP = Protocol.UDP
 SKELETON = """\
 add table inet natports
 add map inet natports dnat_any4 { type inet_proto . inet_service : ipv4_addr . inet_service ; }
+add map inet natports goto_any4 { type inet_proto . inet_service : verdict ; }
+add map inet natports range_any4 { type inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_any4 { type inet_proto . inet_service ; counter ; }
 add map inet natports dnat_addr4 { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service ; }
-add map inet natports goto_any4 { type inet_proto . inet_service : verdict ; flags interval ; }
-add map inet natports goto_addr4 { type ipv4_addr . inet_proto . inet_service : verdict ; flags interval ; }
-add set inet natports count_any4 { type inet_proto . inet_service ; flags interval ; counter ; }
-add set inet natports count_addr4 { type ipv4_addr . inet_proto . inet_service ; flags interval ; counter ; }
-add set inet natports hairpin_any4 { type ipv4_addr . inet_proto . inet_service ; flags interval ; }
-add set inet natports hairpin_addr4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service ; flags interval ; }
+add map inet natports goto_addr4 { type ipv4_addr . inet_proto . inet_service : verdict ; }
+add map inet natports range_addr4 { type ipv4_addr . inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_addr4 { type ipv4_addr . inet_proto . inet_service ; counter ; }
+add set inet natports hairpin4 { type ipv4_addr ; flags interval ; }
 add map inet natports dnat_any6 { type inet_proto . inet_service : ipv6_addr . inet_service ; }
+add map inet natports goto_any6 { type inet_proto . inet_service : verdict ; }
+add map inet natports range_any6 { type inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_any6 { type inet_proto . inet_service ; counter ; }
 add map inet natports dnat_addr6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service ; }
-add map inet natports goto_any6 { type inet_proto . inet_service : verdict ; flags interval ; }
-add map inet natports goto_addr6 { type ipv6_addr . inet_proto . inet_service : verdict ; flags interval ; }
-add set inet natports count_any6 { type inet_proto . inet_service ; flags interval ; counter ; }
-add set inet natports count_addr6 { type ipv6_addr . inet_proto . inet_service ; flags interval ; counter ; }
-add set inet natports hairpin_any6 { type ipv6_addr . inet_proto . inet_service ; flags interval ; }
-add set inet natports hairpin_addr6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service ; flags interval ; }
+add map inet natports goto_addr6 { type ipv6_addr . inet_proto . inet_service : verdict ; }
+add map inet natports range_addr6 { type ipv6_addr . inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_addr6 { type ipv6_addr . inet_proto . inet_service ; counter ; }
+add set inet natports hairpin6 { type ipv6_addr ; flags interval ; }
 add chain inet natports dispatch
 flush chain inet natports dispatch
-add rule inet natports dispatch ip daddr . meta l4proto . th dport @count_addr4
-add rule inet natports dispatch meta nfproto ipv4 meta l4proto . th dport @count_any4
-add rule inet natports dispatch ip saddr . ip daddr . meta l4proto . th dport @hairpin_addr4 meta mark set meta mark | 0x00100000
-add rule inet natports dispatch ip saddr . meta l4proto . th dport @hairpin_any4 meta mark set meta mark | 0x00100000
-add rule inet natports dispatch ip6 daddr . meta l4proto . th dport @count_addr6
-add rule inet natports dispatch meta nfproto ipv6 meta l4proto . th dport @count_any6
-add rule inet natports dispatch ip6 saddr . ip6 daddr . meta l4proto . th dport @hairpin_addr6 meta mark set meta mark | 0x00100000
-add rule inet natports dispatch ip6 saddr . meta l4proto . th dport @hairpin_any6 meta mark set meta mark | 0x00100000
+add rule inet natports dispatch ip saddr != @hairpin4 ip daddr . meta l4proto . th dport @count_addr4 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip saddr @hairpin4 ip daddr . meta l4proto . th dport @count_addr4 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip saddr != @hairpin4 meta nfproto ipv4 meta l4proto . th dport @count_any4 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip saddr @hairpin4 meta nfproto ipv4 meta l4proto . th dport @count_any4 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
 add rule inet natports dispatch ip daddr . meta l4proto . th dport vmap @goto_addr4
 add rule inet natports dispatch meta nfproto ipv4 meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @dnat_addr4
+add rule inet natports dispatch ip daddr . meta l4proto . th dport vmap @range_addr4
 add rule inet natports dispatch meta nfproto ipv4 meta l4proto . th dport vmap @goto_any4
 add rule inet natports dispatch meta nfproto ipv4 meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @dnat_any4
+add rule inet natports dispatch meta nfproto ipv4 meta l4proto . th dport vmap @range_any4
+add rule inet natports dispatch ip6 saddr != @hairpin6 ip6 daddr . meta l4proto . th dport @count_addr6 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 saddr @hairpin6 ip6 daddr . meta l4proto . th dport @count_addr6 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 saddr != @hairpin6 meta nfproto ipv6 meta l4proto . th dport @count_any6 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 saddr @hairpin6 meta nfproto ipv6 meta l4proto . th dport @count_any6 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
 add rule inet natports dispatch ip6 daddr . meta l4proto . th dport vmap @goto_addr6
 add rule inet natports dispatch meta nfproto ipv6 meta l4proto { tcp, udp } dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat_addr6
+add rule inet natports dispatch ip6 daddr . meta l4proto . th dport vmap @range_addr6
 add rule inet natports dispatch meta nfproto ipv6 meta l4proto . th dport vmap @goto_any6
 add rule inet natports dispatch meta nfproto ipv6 meta l4proto { tcp, udp } dnat ip6 to meta l4proto . th dport map @dnat_any6
+add rule inet natports dispatch meta nfproto ipv6 meta l4proto . th dport vmap @range_any6
 add chain inet natports prerouting { type nat hook prerouting priority -110 ; policy accept ; }
 flush chain inet natports prerouting
 add chain inet natports output { type nat hook output priority -110 ; policy accept ; }
@@ -73,8 +79,8 @@ add rule inet natports postrouting meta mark & 0x00100000 == 0x00100000 meta mar
 """
 
 MAIL_25 = """\
+add element inet natports hairpin4 { 172.17.0.0/16 }
 add element inet natports count_any4 { tcp . 25 }
-add element inet natports hairpin_any4 { 172.17.0.0/16 . tcp . 25 }
 add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
 """
 
@@ -83,7 +89,7 @@ def mail_25(ip: str = "172.17.0.2") -> Route:
     return route("mail", RouteKey(4, TCP, 25), 5025, ip)
 
 
-def test_one_route_one_backend_is_three_elements_and_no_chain() -> None:
+def test_one_route_one_backend_is_an_element_and_no_chain() -> None:
     assert render_app([], [mail_25()]) == SKELETON + MAIL_25
 
 
@@ -92,19 +98,19 @@ def test_the_same_switch_twice_renders_the_same_batch() -> None:
 
 
 def test_a_switch_replaces_only_the_dnat_element() -> None:
-    """The counter and hairpin elements stay: the route's totals survive the switch."""
+    """The counter element stays: the route's totals survive the switch."""
     assert render_app([mail_25()], [mail_25("172.17.0.9")]) == SKELETON + (
         """\
 add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
 delete element inet natports dnat_any4 { tcp . 25 }
+add element inet natports hairpin4 { 172.17.0.0/16 }
 add element inet natports count_any4 { tcp . 25 }
-add element inet natports hairpin_any4 { 172.17.0.0/16 . tcp . 25 }
 add element inet natports dnat_any4 { tcp . 25 : 172.17.0.9 . 5025 }
 """
     )
 
 
-def test_a_route_without_hairpin_subnets_has_no_hairpin_element() -> None:
+def test_a_route_without_hairpin_subnets_adds_none() -> None:
     r = route("mail", RouteKey(4, UDP, 53), 5053, "172.17.0.2", subnets=())
     assert render_app([], [r]) == SKELETON + (
         """\
@@ -119,8 +125,8 @@ def test_three_backends_use_a_chain_with_a_numgen_map() -> None:
     name = chain_name("mail", r.key)
     assert render_app([], [r]) == SKELETON + (
         f"""\
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
 add element inet natports count_any4 {{ tcp . 25 }}
-add element inet natports hairpin_any4 {{ 172.17.0.0/16 . tcp . 25 }}
 add chain inet natports {name}
 flush chain inet natports {name}
 add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 3 map {{ 0 : 172.17.0.2, 1 : 172.17.0.3, 2 : 172.17.0.4 }} : 5025
@@ -129,59 +135,61 @@ add element inet natports goto_any4 {{ tcp . 25 : goto {name} }}
     )
 
 
-def test_one_backend_to_two_moves_the_route_into_a_chain() -> None:
-    two = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", "172.17.0.3")
+def test_one_backend_to_two_moves_the_route_into_a_chain_and_back() -> None:
+    two = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", "172.17.0.3", subnets=())
+    one = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", subnets=())
     name = chain_name("mail", two.key)
-    assert render_app([mail_25()], [two]) == SKELETON + (
+    assert render_app([one], [two]) == SKELETON + (
         f"""\
 add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
 delete element inet natports dnat_any4 {{ tcp . 25 }}
 add element inet natports count_any4 {{ tcp . 25 }}
-add element inet natports hairpin_any4 {{ 172.17.0.0/16 . tcp . 25 }}
 add chain inet natports {name}
 flush chain inet natports {name}
 add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 2 map {{ 0 : 172.17.0.2, 1 : 172.17.0.3 }} : 5025
 add element inet natports goto_any4 {{ tcp . 25 : goto {name} }}
 """
     )
-    # and back: the goto element and the chain go
-    assert render_app([two], [mail_25()]) == SKELETON + (
+    assert render_app([two], [one]) == SKELETON + (
         f"""\
 add chain inet natports {name}
 add element inet natports goto_any4 {{ tcp . 25 : goto {name} }}
 delete element inet natports goto_any4 {{ tcp . 25 }}
 flush chain inet natports {name}
 delete chain inet natports {name}
+add element inet natports count_any4 {{ tcp . 25 }}
+add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
 """
-        + MAIL_25
     )
 
 
-def test_a_range_is_one_element_per_set_and_one_chain() -> None:
+def test_a_range_is_one_element_and_one_chain() -> None:
     r = route("rtp", RouteKey(4, UDP, 10000, None, 10000), 10000, "172.17.0.2")
     name = chain_name("rtp", r.key)
-    assert render_app([], [r]) == SKELETON + (
-        f"""\
-add element inet natports count_any4 {{ udp . 10000-19999 }}
-add element inet natports hairpin_any4 {{ 172.17.0.0/16 . udp . 10000-19999 }}
+    expected = f"""\
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
 add chain inet natports {name}
 flush chain inet natports {name}
-add rule inet natports {name} meta l4proto udp dnat ip to 172.17.0.2
-add element inet natports goto_any4 {{ udp . 10000-19999 : goto {name} }}
+add rule inet natports {name} ip saddr @hairpin4 meta mark set meta mark | 0x00100000
+add rule inet natports {name} meta l4proto udp ct mark set ct mark | 0x00100000 dnat ip to 172.17.0.2
+add element inet natports range_any4 {{ udp . 10000-19999 : goto {name} }}
 """
-    )
+    assert render_app([], [r]) == SKELETON + expected
+    # a switch of it refills its chain; the element (and its counter) stays
+    moved = route("rtp", RouteKey(4, UDP, 10000, None, 10000), 10000, "172.17.0.9")
+    assert render_app([r], [moved]) == SKELETON + expected.replace("172.17.0.2", "172.17.0.9")
 
 
 def test_a_range_with_an_offset_maps_each_port() -> None:
-    r = route("ftp", RouteKey(4, TCP, 1000, None, 3), 2000, "172.17.0.2", subnets=())
+    r = route("ftp", RouteKey(6, TCP, 1000, None, 3), 2000, "fd00::2", "fd00::3", subnets=())
     name = chain_name("ftp", r.key)
     assert render_app([], [r]) == SKELETON + (
         f"""\
-add element inet natports count_any4 {{ tcp . 1000-1002 }}
 add chain inet natports {name}
 flush chain inet natports {name}
-add rule inet natports {name} meta l4proto tcp dnat ip to 172.17.0.2 : th dport map {{ 1000 : 2000, 1001 : 2001, 1002 : 2002 }}
-add element inet natports goto_any4 {{ tcp . 1000-1002 : goto {name} }}
+add rule inet natports {name} ip6 saddr @hairpin6 meta mark set meta mark | 0x00100000
+add rule inet natports {name} meta l4proto tcp ct mark set ct mark | 0x00100000 dnat ip6 to numgen random mod 2 map {{ 0 : fd00::2, 1 : fd00::3 }} : th dport map {{ 1000 : 2000, 1001 : 2001, 1002 : 2002 }}
+add element inet natports range_any6 {{ tcp . 1000-1002 : goto {name} }}
 """
     )
 
@@ -190,8 +198,8 @@ def test_a_public_ipv4_address_uses_the_addr_maps() -> None:
     r = route("mail", RouteKey(4, TCP, 25, ip_address("203.0.113.7")), 5025, "172.17.0.2")
     assert render_app([], [r]) == SKELETON + (
         """\
+add element inet natports hairpin4 { 172.17.0.0/16 }
 add element inet natports count_addr4 { 203.0.113.7 . tcp . 25 }
-add element inet natports hairpin_addr4 { 172.17.0.0/16 . 203.0.113.7 . tcp . 25 }
 add element inet natports dnat_addr4 { 203.0.113.7 . tcp . 25 : 172.17.0.2 . 5025 }
 """
     )
@@ -201,8 +209,8 @@ def test_an_ipv6_route() -> None:
     r = route("mail", RouteKey(6, TCP, 25), 5025, "fd00::2", subnets=("fd00::/64",))
     assert render_app([], [r]) == SKELETON + (
         """\
+add element inet natports hairpin6 { fd00::/64 }
 add element inet natports count_any6 { tcp . 25 }
-add element inet natports hairpin_any6 { fd00::/64 . tcp . 25 }
 add element inet natports dnat_any6 { tcp . 25 : fd00::2 . 5025 }
 """
     )
@@ -229,8 +237,6 @@ def test_a_route_the_app_no_longer_has_is_removed_element_by_element() -> None:
         """\
 add element inet natports count_any4 { tcp . 26 }
 delete element inet natports count_any4 { tcp . 26 }
-add element inet natports hairpin_any4 { 172.17.0.0/16 . tcp . 26 }
-delete element inet natports hairpin_any4 { 172.17.0.0/16 . tcp . 26 }
 add element inet natports dnat_any4 { tcp . 26 : 172.17.0.2 . 5026 }
 delete element inet natports dnat_any4 { tcp . 26 }
 """
@@ -241,6 +247,9 @@ delete element inet natports dnat_any4 { tcp . 26 }
 def test_a_route_with_no_backend_is_counted_but_never_dnated() -> None:
     r = route("mail", RouteKey(4, TCP, 25), 5025, subnets=())
     assert render_app([], [r]) == SKELETON + "add element inet natports count_any4 { tcp . 25 }\n"
+    ranged = route("mail", RouteKey(4, TCP, 25, None, 5), 5025, subnets=())
+    assert render_app([], [ranged]) == SKELETON
+    assert render_reconcile(None, [r, ranged]).endswith("count_any4 { tcp . 25 }\n")
 
 
 def test_a_switch_names_no_other_app() -> None:
@@ -251,32 +260,33 @@ def test_a_switch_names_no_other_app() -> None:
 
 def test_reconcile_rebuilds_the_table_in_one_batch_and_carries_counters() -> None:
     two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6", subnets=())
-    live = LiveTable({route_id(mail_25().key): (7, 420)})
+    rng = route("rtp", RouteKey(4, UDP, 30000, None, 100), 30000, "172.17.0.7", subnets=())
+    live = LiveTable({route_id(mail_25().key): (7, 420), route_id(rng.key): (3, 99)})
     name = chain_name("chat", two.key)
-    assert render_reconcile(live, [two, mail_25()]) == (
+    rname = chain_name("rtp", rng.key)
+    assert render_reconcile(live, [two, rng, mail_25()]) == (
         "add table inet natports\ndelete table inet natports\n"
         + SKELETON
         + f"""\
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
 add chain inet natports {name}
 flush chain inet natports {name}
 add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 2 map {{ 0 : 172.17.0.5, 1 : 172.17.0.6 }} : 6000
+add chain inet natports {rname}
+flush chain inet natports {rname}
+add rule inet natports {rname} ip saddr @hairpin4 meta mark set meta mark | 0x00100000
+add rule inet natports {rname} meta l4proto udp ct mark set ct mark | 0x00100000 dnat ip to 172.17.0.7
 add element inet natports count_any4 {{ tcp . 25 counter packets 7 bytes 420, tcp . 26 }}
-add element inet natports hairpin_any4 {{ 172.17.0.0/16 . tcp . 25 }}
 add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
 add element inet natports goto_any4 {{ tcp . 26 : goto {name} }}
+add element inet natports range_any4 {{ udp . 30000-30099 counter packets 3 bytes 99 : goto {rname} }}
 """
     )
 
 
 def test_reconcile_without_a_table() -> None:
     assert render_reconcile(None, [mail_25()]) == (
-        "add table inet natports\ndelete table inet natports\n"
-        + SKELETON
-        + """\
-add element inet natports count_any4 { tcp . 25 }
-add element inet natports hairpin_any4 { 172.17.0.0/16 . tcp . 25 }
-add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
-"""
+        "add table inet natports\ndelete table inet natports\n" + SKELETON + MAIL_25
     )
 
 
@@ -292,7 +302,7 @@ def test_another_table_name_is_used_everywhere() -> None:
 
 def test_route_ids() -> None:
     assert route_id(RouteKey(4, TCP, 25)) == "count_any4:tcp . 25"
-    assert route_id(RouteKey(6, UDP, 10000, None, 100)) == "count_any6:udp . 10000-10099"
+    assert route_id(RouteKey(6, UDP, 10000, None, 100)) == "range_any6:udp . 10000-10099"
     assert (
         route_id(RouteKey(4, TCP, 25, ip_address("203.0.113.7")))
         == "count_addr4:203.0.113.7 . tcp . 25"
