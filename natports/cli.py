@@ -257,7 +257,7 @@ def doctor(ctx: engine.Context, as_json: bool) -> None:
     """What this host offers natports, which backend `auto` picks and why."""
     from . import doctor as probes
 
-    checks, chosen, why, works = probes.run_all(ctx.store.root)
+    checks, chosen, why, works = probes.run_all(ctx.store.root, ctx.nft_table.upper())
     if as_json:
         click.echo(
             json.dumps(

@@ -9,9 +9,16 @@ from .model import Backend, Mapping, Route, RouteKey, loopback_publish
 
 
 def build_routes(
-    app: str, mappings: Sequence[Mapping], containers: dict[str, list[ContainerInfo]]
+    app: str,
+    mappings: Sequence[Mapping],
+    containers: dict[str, list[ContainerInfo]],
+    need_publish: bool = True,
 ) -> tuple[Route, ...]:
-    """Every problem of the app is collected into one AppProblem; nothing half-built escapes."""
+    """Every problem of the app is collected into one AppProblem; nothing half-built escapes.
+
+    `need_publish`: Docker's FORWARD filter only passes natports' flows to ports the
+    container publishes (unless natports' DOCKER-USER accept is in place: then False).
+    """
     problems: list[str] = []
     routes: list[Route] = []
     for mapping in mappings:
@@ -27,7 +34,7 @@ def build_routes(
                     f'"{mapping.process_type}" (needed by {mapping.public_text()})'
                 )
             continue
-        for c in live:
+        for c in live if need_publish else ():
             for _, private in mapping.ports():
                 if (private, mapping.protocol) not in c.published:
                     problems.append(

@@ -155,6 +155,33 @@ def check_docker_forward() -> Check:
     )
 
 
+def check_forwarding(prefix: str = "NATPORTS") -> Check:
+    """How natports' DNATed flows pass Docker's FORWARD filter: DOCKER-USER, or -p per port."""
+    from .forwarding import Forwarding, chain, mode_of
+
+    live = Forwarding(prefix, iptables_variant()).live()
+    if not live.has_user_chain:
+        return Check(
+            "forwarding",
+            True,
+            "no DOCKER-USER chain (Docker's nftables firewall, or Docker not running): "
+            "containers publish each private port on loopback (-p 127.0.0.1::PORT), "
+            "one docker-proxy process per port",
+        )
+    if mode_of(live, prefix) == "docker-user":
+        return Check(
+            "forwarding",
+            True,
+            f"DOCKER-USER jumps to {chain(prefix)}: natports' flows need no published ports",
+        )
+    return Check(
+        "forwarding",
+        True,
+        f"DOCKER-USER exists; natports adds its accept ({chain(prefix)}) at the next apply, "
+        "and deploys then need no published ports",
+    )
+
+
 def check_conntrack() -> Check:
     proc = _run("conntrack", "-C")
     if proc is None:
@@ -201,7 +228,7 @@ def choose_backend(nft: Check, iptables: Callable[[], Check]) -> tuple[str, str]
     return "proxy", f"{nft.detail}; {ipt.detail}: netfilter cannot be programmed"
 
 
-def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:
+def run_all(state_dir: Path, prefix: str = "NATPORTS") -> tuple[list[Check], str, str, bool]:
     """All checks, the backend `auto` picks, why, and whether that backend can work."""
     nft, ipt = check_nft(), check_iptables()
     checks = [
@@ -211,6 +238,7 @@ def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:
         check_ip_forward(),
         check_docker(),
         check_docker_forward(),
+        check_forwarding(prefix),
         check_conntrack(),
         check_proxy(state_dir),
     ]

@@ -160,7 +160,9 @@ def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Rou
         return ()
     procs = {m.process_type for m in mappings}
     found = current_containers(ctx.docker(), ctx.dokku_root, app, procs, containers)
-    return build_routes(app, mappings, found)
+    # Backends that pass Docker's FORWARD filter by themselves need no published ports.
+    forwards = getattr(ctx.backend, "forwards_unpublished", None)
+    return build_routes(app, mappings, found, need_publish=not (forwards and forwards()))
 
 
 def _previous(ctx: Context, app: str) -> tuple[Route, ...]:

@@ -123,6 +123,10 @@ class Forwarding:
             live = self.live()
         return mode_of(live, self.prefix)
 
+    def available(self) -> bool:
+        """Docker's DOCKER-USER chain exists: natports' accept can go there."""
+        return self.live().has_user_chain
+
     def remove(self) -> None:
         batch = render_remove(self.live(), self.prefix)
         if batch:

@@ -28,9 +28,10 @@ def is_valid_app_name(name: str) -> bool:
     return bool(APP_NAME_RE.fullmatch(name))
 
 
-def loopback_publish(private_port: int, protocol: Protocol) -> str:
-    """Docker's `-p` value that publishes a private port on loopback, as natports needs."""
-    return f"127.0.0.1::{private_port}{'/udp' if protocol is Protocol.UDP else ''}"
+def loopback_publish(private_port: int, protocol: Protocol, end: int | None = None) -> str:
+    """Docker's `-p` value that publishes a private port (or range) on loopback."""
+    ports = str(private_port) if end is None or end == private_port else f"{private_port}-{end}"
+    return f"127.0.0.1::{ports}{'/udp' if protocol is Protocol.UDP else ''}"
 
 
 def host_text(ip: IPAddress) -> str:

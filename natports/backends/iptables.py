@@ -52,11 +52,11 @@ class IptablesBackend:
 
     def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
         _refuse_ipv6(desired)
-        return ipt_render.render_app(self.layout, self.live(), _ports(previous), _ports(desired))
+        return ipt_render.render_app(self.layout, self.live(), previous, desired)
 
     def plan_reconcile(self, desired: Sequence[Route]) -> str:
         _refuse_ipv6(desired)
-        return ipt_render.render_reconcile(self.layout, self.live(), _ports(desired))
+        return ipt_render.render_reconcile(self.layout, self.live(), desired)
 
     def plan_flush_all(self) -> str:
         return ipt_render.render_flush_all(self.layout, self.live())
@@ -138,8 +138,3 @@ def _refuse_ipv6(routes: Sequence[Route]) -> None:
             f"the iptables backend routes IPv4 only; IPv6 routes asked for: {names}",
             "use the nftables backend for IPv6, or give the app's containers no IPv6 address",
         )
-
-
-def _ports(routes: Sequence[Route]) -> list[Route]:
-    """This layout has one chain per port: a range route is one route per port here."""
-    return [single for route in routes for single in route.expanded()]

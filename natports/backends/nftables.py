@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import NatportsError
+from ..forwarding import Forwarding
 from ..model import Route
 from . import nft_render
 from .nft_render import LiveTable
@@ -19,9 +20,24 @@ class NftBackend:
 
     name = "nftables"
 
-    def __init__(self, table: str = nft_render.TABLE, nft: str = "nft") -> None:
+    def __init__(
+        self, table: str = nft_render.TABLE, nft: str = "nft", forwarding: Forwarding | None = None
+    ) -> None:
         self.table = table
         self.nft = nft
+        self.forwarding = forwarding  # None: leave Docker's filter alone (-p needed)
+        self._forwards: bool | None = None
+        self._ensured = False
+
+    def forwards_unpublished(self) -> bool:
+        """Can natports' flows pass Docker's FORWARD filter without published ports?
+
+        Read-only (planning and --dry-run call it): true when Docker has DOCKER-USER,
+        where `run` puts natports' accept before the first batch that routes anything.
+        """
+        if self._forwards is None:
+            self._forwards = self.forwarding is not None and self.forwarding.available()
+        return self._forwards
 
     # -- planning (pure apart from reading our own table) ----------------------------
 
@@ -38,7 +54,14 @@ class NftBackend:
 
     def run(self, batch: str) -> None:
         """One atomic transaction: the kernel applies all of it or none of it."""
+        flush = batch == self.plan_flush_all()
+        if self.forwarding and not flush and not self._ensured and self.forwards_unpublished():
+            self.forwarding.ensure()  # before the DNAT rules that rely on it
+            self._ensured = True
         self._nft(["-f", "-"], batch)
+        if self.forwarding is not None and flush:
+            self.forwarding.remove()  # nothing of natports is left to accept
+            self._ensured = False
 
     def live(self) -> LiveTable | None:
         """Only what reconciling carries over: the routes' counters (None: no table)."""

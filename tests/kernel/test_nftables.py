@@ -10,6 +10,7 @@ from natports.backends.nftables import NftBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import NFT_TABLE, ClientNet, TagServer, sh
+from tests.kernel.conftest import range_route
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
@@ -212,3 +213,16 @@ def test_kernel_dnat_switch_keeps_established_flows(
     counters = nft.counters()
     # one packet per new flow, at least, and the switch kept the total
     assert counters[nft.route_id(first[0])][0] >= 2
+
+
+def test_a_shifted_range_reaches_each_port_and_counts_in_one_element(
+    nft: NftBackend, client_net: ClientNet, range_servers: list[TagServer]
+) -> None:
+    rng = range_route("ftp", 21300, 27300, 3, client_net.host_ip)
+    nft.run(nft.plan_app([], [rng]))
+    for offset in range(3):
+        assert client_net.connect_once(21300 + offset) == {"tag": f"p{27300 + offset}"}
+    assert nft.counters()[nft.route_id(rng)][0] >= 3
+    same = range_route("ftp", 27300, 27300, 3, client_net.host_ip)  # the port stays
+    nft.run(nft.plan_app([rng], [same]))
+    assert client_net.connect_once(27301) == {"tag": "p27301"}

@@ -326,12 +326,34 @@ COMMIT
     )
 
 
-def test_ipv6_routes_and_routes_without_backends_are_refused() -> None:
+def test_ipv6_routes_are_refused() -> None:
     six = route("mail", RouteKey(6, TCP, 25), 5025, "fd00::2", subnets=())
     with pytest.raises(ValueError, match="IPv4 only"):
         render_app(LAYOUT, EMPTY, [], [six])
-    with pytest.raises(ValueError, match="at least one backend"):
-        render_app(LAYOUT, EMPTY, [], [route("mail", RouteKey(4, TCP, 25), 5025)])
+
+
+def test_a_route_without_backends_gets_an_empty_chain() -> None:
+    """Nothing to DNAT to: the flow falls through, the renderer does not fail."""
+    empty = route("mail", RouteKey(4, TCP, 25), 5025, subnets=())
+    batch = render_app(LAYOUT, EMPTY, [], [empty])
+    assert "DNAT" not in batch and f":{LAYOUT.route_chain(empty)} - [0:0]" in batch
+
+
+def test_a_range_is_one_rule_and_one_chain() -> None:
+    same = route("rtp", RouteKey(4, UDP, 10000, None, 10000), 10000, "172.17.0.2", subnets=())
+    shifted = route("ftp", RouteKey(4, TCP, 1000, None, 11), 2000, "172.17.0.3", subnets=())
+    batch = render_app(LAYOUT, EMPTY, [], [same])
+    assert (
+        f"-A {LAYOUT.app_chain('rtp')} -p udp -m udp --dport 10000:19999 "
+        f'-m comment --comment "rtp 10000-19999/udp" -j {LAYOUT.route_chain(same)}'
+    ) in batch
+    assert "-j DNAT --to-destination 172.17.0.2\n" in batch
+    assert batch.count("DNAT") == 1
+    batch = render_app(LAYOUT, EMPTY, [], [shifted])
+    assert "-j DNAT --to-destination 172.17.0.3:2000-2010/1000\n" in batch
+    assert LAYOUT.route_chain(same) != LAYOUT.route_chain(
+        route("rtp", RouteKey(4, UDP, 10000), 10000, "172.17.0.2")
+    )
 
 
 def test_routes_of_two_apps_are_not_one_switch() -> None:
