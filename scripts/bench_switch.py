@@ -99,7 +99,7 @@ class Renderer:
 
 def current() -> Renderer:
     return Renderer(
-        "this tree", nft_render.render_app, nft_render.render_reconcile, NftBackend.live
+        "after (this tree)", nft_render.render_app, nft_render.render_reconcile, NftBackend.live
     )
 
 
@@ -134,7 +134,9 @@ def from_revision(rev: str) -> Renderer:
         return old_backend(nft.table).live()
 
     render = modules["nft_render"]
-    return Renderer(rev, render.render_app, render.render_reconcile, live, expand=True)
+    return Renderer(
+        f"before ({rev})", render.render_app, render.render_reconcile, live, expand=True
+    )
 
 
 def timed(nft: NftBackend, batch: str) -> float:
