@@ -175,7 +175,8 @@ class TagServer:
 
     def __init__(self, host: str, tag: str, port: int = 0) -> None:
         self.tag = tag
-        self.sock = socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()

@@ -43,6 +43,7 @@ from ..model import Backend, Route
 
 DEFAULT_PREFIX = "NATPORTS"
 HAIRPIN_MARK = 0x00100000
+CT_MARK = 0x00100000  # conntrack mark bit of flows natports DNATed, as in nft_render
 # iptables chain names stop at 28 characters: P-R-<12 base32 digits, 60 bits> leaves 13.
 HASH_LEN = 12
 PREFIX_RE = re.compile(r"[A-Z][A-Z0-9_]{0,12}")
@@ -251,6 +252,8 @@ def _route_rules(layout: Layout, route: Route, carried: tuple[int, int]) -> list
         f"-A {chain} -s {subnet} {comment} -j MARK --or-mark {HAIRPIN_MARK:#010x}"
         for subnet in route.hairpin_subnets
     ]
+    if route.backends:  # the forward accept in DOCKER-USER keys on it (natports/forwarding.py)
+        lines.append(f"-A {chain} {comment} -j CONNMARK --or-mark {CT_MARK:#010x}")
     n = len(route.backends)
     for i, backend in enumerate(route.backends):
         spread = ""

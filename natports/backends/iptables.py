@@ -16,6 +16,7 @@ from typing import Literal
 
 from ..doctor import check_cap_net_admin
 from ..errors import InputError, NatportsError
+from ..forwarding import Forwarding
 from ..model import Route
 from . import ipt_render
 from .ipt_render import Layout, LiveNat
@@ -47,6 +48,20 @@ class IptablesBackend:
         except ValueError as exc:
             raise InputError([str(exc)]) from None
         self.search_path = search_path  # where to look for the binaries; None means $PATH
+        self.forwarding = Forwarding(prefix, self.variant)
+        self._forwards: bool | None = None
+        self._ensured = False
+
+    def forwards_unpublished(self) -> bool:
+        """Can natports' flows pass Docker's FORWARD filter without published ports?
+
+        Read-only (planning and --dry-run call it): true when Docker has DOCKER-USER,
+        where `run` puts natports' accept before the first batch that routes anything.
+        Route chains set the conntrack mark bit the accept keys on (ipt_render).
+        """
+        if self._forwards is None:
+            self._forwards = self.forwarding.available()
+        return self._forwards
 
     # -- planning (pure apart from reading our own chains) ---------------------------
 
@@ -71,10 +86,21 @@ class IptablesBackend:
         """
         if not batch.strip():
             return  # nothing was planned: nothing of ours exists
+        flush = "-j DNAT" not in batch and "-X " in batch and ":" in batch and self._is_flush(batch)
+        if not flush and not self._ensured and self.forwards_unpublished():
+            self.forwarding.ensure()  # before the DNAT rules that rely on it
+            self._ensured = True
         self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], batch)
+        if flush:
+            self.forwarding.remove()  # nothing of natports is left to accept
+            self._ensured = False
         fixes = ipt_render.render_hook_fixes(self.layout, self.live())
         if fixes:
             self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], fixes)
+
+    def _is_flush(self, batch: str) -> bool:
+        """Does the batch remove every chain of ours (render_flush_all)?"""
+        return batch == ipt_render.render_flush_all(self.layout, self.live())
 
     def live(self) -> LiveNat:
         """Our chains and the rules touching them, with counters."""

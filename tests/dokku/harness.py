@@ -57,6 +57,9 @@ class DeployResult:
     old: list[str] = field(default_factory=list)  # to be retired
 
 
+PRIVATE_PORTS = ("5000", "5025", "5026", "5027", "5030", "5999")
+
+
 class DokkuHost:
     """A Dokku host's moving parts: the dokku user, DOKKU_ROOT, the installed plugin."""
 
@@ -257,6 +260,9 @@ class DokkuHost:
 
     def _start(self, app: str, proc: str, index: int, tag: str, args: Sequence[str]) -> str:
         ports = [a.split("::")[1].split("/")[0] for a in args if a.startswith("127.0.0.1::")]
+        if not ports:
+            # natports' DOCKER-USER accept in place: no -p; listen on every port the tests map
+            ports = list(PRIVATE_PORTS)
         publish = [a for a in args if a != "-p"]
         argv = [
             "docker",
@@ -277,7 +283,7 @@ class DokkuHost:
         ]
         for p in publish:
             argv += ["-p", p]
-        cid = sh(*argv, TEST_IMAGE, tag, *(ports or ["5000"])).stdout.strip()
+        cid = sh(*argv, TEST_IMAGE, tag, *ports).stdout.strip()
         self.containers.append(cid)
         return cid
 

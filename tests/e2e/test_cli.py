@@ -91,11 +91,11 @@ def test_host_policy_protects_ssh_and_host_listeners(cli: Cli) -> None:
 
 
 def test_an_unpublished_private_port_is_refused(cli: Cli, containers: Containers) -> None:
-    """Where Docker's FORWARD filter needs published ports (the iptables backend has no
-    DOCKER-USER accept; see test_forwarding.py for the nftables one)."""
+    """Where natports has no accept in DOCKER-USER (the proxy backend here; the kernel
+    backends where Docker has no DOCKER-USER: see test_forwarding.py)."""
     cli("ports", "set", "mail", input=f"{PORT}:5025\n")
     bare = containers.start("v1", publish=False)
-    argv = ["--backend", "iptables", "apply", "--app", "mail", "--container", bare.id]
+    argv = ["--backend", "proxy", "apply", "--app", "mail", "--container", bare.id]
     err = cli(*argv, expect=1).stderr
     assert "does not publish 5025/tcp" in err and "-p 127.0.0.1::5025" in err
     assert not table_exists()

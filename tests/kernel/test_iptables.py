@@ -231,7 +231,7 @@ def test_one_apps_switch_leaves_another_apps_chains_untouched(
     ipt.run(batch)
     assert app_lines(ipt.variant, ipt, "chat", chat) == chat_before  # counters included
     if ipt.variant == "nft":
-        assert len(handles_before) == 3
+        assert len(handles_before) == 4  # dispatch jump, app rule, CONNMARK, DNAT
         assert chat_handles() == handles_before
     assert any("--to-destination 172.30.0.9:5025" in ln for ln in ours(ipt.variant))
 

@@ -126,6 +126,7 @@ def mail_25_rules(counters: str = "") -> str:
     return f"""\
 -A {MAIL} -p tcp -m tcp --dport 25 -m comment --comment "mail 25/tcp" -j {MAIL_25}
 -A {MAIL_25} -s 172.17.0.0/16 -m comment --comment "mail 25/tcp" -j MARK --or-mark 0x00100000
+-A {MAIL_25} -m comment --comment "mail 25/tcp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_25} -p tcp -m comment --comment "mail 25/tcp" {counters}-j DNAT --to-destination 172.17.0.2:5025
 """
 
@@ -201,6 +202,7 @@ def test_three_backends_spread_with_statistic_one_third_then_one_half_then_the_r
         + SKELETON_RULES
         + f"""-A {MAIL} -p tcp -m tcp --dport 25 -m comment --comment "mail 25/tcp" -j {MAIL_25}
 -A {MAIL_25} -s 172.17.0.0/16 -m comment --comment "mail 25/tcp" -j MARK --or-mark 0x00100000
+-A {MAIL_25} -m comment --comment "mail 25/tcp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_25} -p tcp -m statistic --mode random --probability 0.3333333333 -m comment --comment "mail 25/tcp" -j DNAT --to-destination 172.17.0.2:5025
 -A {MAIL_25} -p tcp -m statistic --mode random --probability 0.5000000000 -m comment --comment "mail 25/tcp" -j DNAT --to-destination 172.17.0.3:5025
 -A {MAIL_25} -p tcp -m comment --comment "mail 25/tcp" -c 3 180 -j DNAT --to-destination 172.17.0.4:5025
@@ -222,6 +224,7 @@ def test_a_public_ip_matches_its_destination_and_several_subnets_mark_each() -> 
 -A {MAIL} -d 203.0.113.7/32 -p udp -m udp --dport 53 -m comment --comment "mail 203.0.113.7:53/udp" -j {MAIL_53}
 -A {MAIL_53} -s 172.17.0.0/16 -m comment --comment "mail 203.0.113.7:53/udp" -j MARK --or-mark 0x00100000
 -A {MAIL_53} -s 10.0.1.0/24 -m comment --comment "mail 203.0.113.7:53/udp" -j MARK --or-mark 0x00100000
+-A {MAIL_53} -m comment --comment "mail 203.0.113.7:53/udp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_53} -p udp -m comment --comment "mail 203.0.113.7:53/udp" -j DNAT --to-destination 172.17.0.2:5053
 """
         + HOOKS
@@ -232,7 +235,7 @@ def test_a_public_ip_matches_its_destination_and_several_subnets_mark_each() -> 
 def test_a_route_without_hairpin_subnets_has_no_mark_rule() -> None:
     r = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", subnets=())
     batch = render_app(LAYOUT, EMPTY, [], [r])
-    assert "MARK --or-mark" not in batch
+    assert "-j MARK --or-mark" not in batch
     assert f"-A {MAIL_25} -p tcp -m comment" in batch
 
 
@@ -263,6 +266,7 @@ def test_a_route_chain_the_state_forgot_is_found_through_the_app_chain() -> None
 """
         + SKELETON_RULES
         + f"""-A {MAIL} -p tcp -m tcp --dport 26 -m comment --comment "mail 26/tcp" -j {MAIL_26}
+-A {MAIL_26} -m comment --comment "mail 26/tcp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_26} -p tcp -m comment --comment "mail 26/tcp" -j DNAT --to-destination 172.17.0.2:5026
 -X {MAIL_25}
 COMMIT
@@ -391,6 +395,7 @@ def test_reconcile_rebuilds_every_chain_and_removes_drift() -> None:
 """
         + mail_25_rules(counters="-c 3 180 ")
         + f"""-A {new_app} -p tcp -m tcp --dport 26 -m comment --comment "new 26/tcp" -j {new_26}
+-A {new_26} -m comment --comment "new 26/tcp" -j CONNMARK --or-mark 0x00100000
 -A {new_26} -p tcp -m comment --comment "new 26/tcp" -j DNAT --to-destination 172.17.0.5:5026
 -X {GONE}
 -X {CHAT}
