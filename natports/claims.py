@@ -45,10 +45,11 @@ def claim_checker(ctx: Context, app: str) -> ClaimCheck:
     policy = load_policy(ctx.config_path)
     # The proxy daemon's sockets are natports' own routes, not host services.
     proxied = {
-        (r.key.protocol, r.key.public_port)
+        (r.key.protocol, port)
         for rec in applied.values()
         if rec.backend == ProxyBackend.name
         for r in rec.routes
+        for port in range(r.key.public_port, r.key.public_end + 1)  # a range: every port
     }
     listeners = [lst for lst in host_listeners() if (lst.protocol, lst.port) not in proxied]
 

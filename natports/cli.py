@@ -207,8 +207,8 @@ def status(ctx: engine.Context, as_json: bool) -> None:
             (
                 str(r["app"]),
                 str(r["process_type"]),
-                f"{host}:{r['public_port']}/{r['protocol']}",
-                str(r["private_port"]),
+                f"{host}:{_ports(r, 'public')}/{r['protocol']}",
+                _ports(r, "private"),
                 ",".join(f"{b['container_id'][:12]}@{b['ip']}" for b in backends),
                 "-" if r["packets"] is None else str(r["packets"]),
                 "-" if r["bytes"] is None else str(r["bytes"]),
@@ -247,6 +247,12 @@ def _agent_line(ctx: engine.Context) -> None:
         click.echo(f"agent: running (pid {agent['pid']}, Docker {agent['docker']})")
     for line in routed_listener_conflicts(ctx, host_listeners()):
         click.echo(f"warning: {line}")
+
+
+def _ports(row: dict[str, object], side: str) -> str:
+    """`25`, or `10000-19999` for a range (rows without `*_port_end` are single ports)."""
+    start, end = row[f"{side}_port"], row.get(f"{side}_port_end", row[f"{side}_port"])
+    return str(start) if start == end else f"{start}-{end}"
 
 
 @main.command()
@@ -305,7 +311,7 @@ def doctor(ctx: engine.Context, as_json: bool) -> None:
     """What this host offers natports, which backend `auto` picks and why."""
     from . import doctor as probes
 
-    checks, chosen, why, works = probes.run_all(ctx.store.root)
+    checks, chosen, why, works = probes.run_all(ctx.store.root, ctx.nft_table.upper())
     if as_json:
         click.echo(
             json.dumps(

@@ -79,7 +79,9 @@ def _is_for(flow: Flow, route: Route, local: frozenset[IPAddress]) -> bool:
     """Was this flow addressed to the route's public side (and not, say, sent out by a
     container to some remote server's port of the same number)?"""
     key = route.key
-    if flow.protocol is not key.protocol or flow.public_port != key.public_port:
+    if flow.protocol is not key.protocol:
+        return False
+    if not key.public_port <= flow.public_port <= key.public_end:  # a range: any of its ports
         return False
     if flow.family != key.family:
         return False
@@ -106,18 +108,21 @@ def stale_udp(
         f
         for f in flows
         if _is_for(f, route, local)
-        and (((f.target, f.target_port) not in kept) if f.natted else unnatted_too)
+        and ((_backend_of(f, route) not in kept) if f.natted else unnatted_too)
     ]
+
+
+def _backend_of(flow: Flow, route: Route) -> tuple[IPAddress, int]:
+    """The (address, first private port) of the backend a NATed flow of `route` went to:
+    in a range, public port P maps to private port + (P - first public port)."""
+    return flow.target, flow.target_port - (flow.public_port - route.key.public_port)
 
 
 def dead_backend_flows(flows: Iterable[Flow], backends: Iterable[Backend]) -> list[Flow]:
-    """UDP entries NATed to backends whose container is gone."""
-    gone = {(b.ip, b.port) for b in backends}
-    return [
-        f
-        for f in flows
-        if f.protocol is Protocol.UDP and f.natted and (f.target, f.target_port) in gone
-    ]
+    """UDP entries NATed to the addresses of backends whose container is gone (any port:
+    a range's flows go to many)."""
+    gone = {b.ip for b in backends}
+    return [f for f in flows if f.protocol is Protocol.UDP and f.natted and f.target in gone]
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ def count_flows(
     for f in flows:
         if not (_is_for(f, route, local) and f.natted and f.established):
             continue
-        slot = counts.setdefault((f.target, f.target_port), [0, 0])
+        slot = counts.setdefault(_backend_of(f, route), [0, 0])
         slot[0 if f.protocol is Protocol.TCP else 1] += 1
     ordered = sorted(counts.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))
     return [FlowCount(ip, port, tcp, udp) for (ip, port), (tcp, udp) in ordered]

@@ -9,9 +9,16 @@ from .model import Backend, Mapping, Route, RouteKey, loopback_publish
 
 
 def build_routes(
-    app: str, mappings: Sequence[Mapping], containers: dict[str, list[ContainerInfo]]
+    app: str,
+    mappings: Sequence[Mapping],
+    containers: dict[str, list[ContainerInfo]],
+    need_publish: bool = True,
 ) -> tuple[Route, ...]:
-    """Every problem of the app is collected into one AppProblem; nothing half-built escapes."""
+    """Every problem of the app is collected into one AppProblem; nothing half-built escapes.
+
+    `need_publish`: Docker's FORWARD filter only passes natports' flows to ports the
+    container publishes (unless natports' DOCKER-USER accept is in place: then False).
+    """
     problems: list[str] = []
     routes: list[Route] = []
     for mapping in mappings:
@@ -29,7 +36,7 @@ def build_routes(
                     f'"{mapping.process_type}" (needed by {mapping.public_text()})'
                 )
             continue
-        for c in live:
+        for c in live if need_publish else ():
             for _, private in mapping.ports():
                 if (private, mapping.protocol) not in c.published:
                     problems.append(
@@ -47,23 +54,29 @@ def build_routes(
             continue
         for family in families:
             subnets = sorted({s for c in live for s in c.subnets if (":" in s) == (family == 6)})
-            for public, private in mapping.ports():
-                backends = tuple(
-                    sorted(
-                        Backend(c.id, c.ipv4 if family == 4 else c.ipv6, private)  # type: ignore[arg-type]
-                        for c in live
-                    )
+            backends = tuple(
+                sorted(
+                    Backend(c.id, c.ipv4 if family == 4 else c.ipv6, mapping.private_port)  # type: ignore[arg-type]
+                    for c in live
                 )
-                routes.append(
-                    Route(
-                        app=app,
-                        process_type=mapping.process_type,
-                        key=RouteKey(family, mapping.protocol, public, mapping.public_ip),
-                        private_port=private,
-                        backends=backends,
-                        hairpin_subnets=tuple(subnets),
-                    )
+            )
+            # A range is one route (one key, one kernel element), however many ports.
+            routes.append(
+                Route(
+                    app=app,
+                    process_type=mapping.process_type,
+                    key=RouteKey(
+                        family,
+                        mapping.protocol,
+                        mapping.public_port,
+                        mapping.public_ip,
+                        mapping.count,
+                    ),
+                    private_port=mapping.private_port,
+                    backends=backends,
+                    hairpin_subnets=tuple(subnets),
                 )
+            )
     if problems:
         raise AppProblem("\n".join(dict.fromkeys(problems)))
     return tuple(sorted(routes, key=Route.sort_key))

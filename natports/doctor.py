@@ -12,6 +12,7 @@ from .probes import (
     check_conntrack,
     check_docker,
     check_docker_forward,
+    check_forwarding,
     check_ip_forward,
     check_iptables,
     check_nft,
@@ -74,7 +75,7 @@ def check_listeners(state_dir: Path) -> Check:
     return Check("listeners", True, "no host process listens on a routed port")
 
 
-def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:
+def run_all(state_dir: Path, prefix: str = "NATPORTS") -> tuple[list[Check], str, str, bool]:
     """All checks, the backend `auto` picks, why, and whether that backend can work."""
     nft, ipt = check_nft(), check_iptables()
     checks = [
@@ -84,6 +85,7 @@ def run_all(state_dir: Path) -> tuple[list[Check], str, str, bool]:
         check_ip_forward(),
         check_docker(),
         check_docker_forward(),
+        check_forwarding(prefix),
         check_conntrack(),
         check_proxy(state_dir),
         check_agent(state_dir),

@@ -385,12 +385,16 @@ def _routable_map(
 def docker_args(
     ctx: engine.Context, app: str, process_type: str, build: str | None, check: bool = False
 ) -> list[str]:
-    """`-p 127.0.0.1::PRIVATE[/udp]` for each private port of the process type.
+    """`-p 127.0.0.1::PRIVATE[-END][/udp]` per mapping of the process type.
 
     Uses this build's stage, else the live sources (ps:restart, ps:scale). `check` (the
     once-per-process-type call, Dokku v0.38.27 bin/scheduler-deploy-process:54-56, under
     `set -eo pipefail` before any container of the type is created) validates the stage
     again against the claims of now: another app may have taken a port since pre-build.
+
+    Nothing to publish when natports' flows pass Docker's FORWARD filter by themselves
+    (its accept in DOCKER-USER, natports/forwarding.py): then Docker starts no
+    docker-proxy process per port. A range is one argument either way.
     """
     engine.require_app_name(app)
     live = _load(ctx, LIVE, app)
@@ -407,13 +411,16 @@ def docker_args(
         sources = live
     if sources is None:
         return []
-    ports: set[tuple[int, Protocol]] = set()
+    forwards = getattr(ctx.backend, "forwards_unpublished", None)
+    if forwards is not None and forwards():
+        return []
+    ports: set[tuple[int, int, Protocol]] = set()
     for mapping in sources.merged():
         if mapping.process_type == process_type:
-            ports.update((private, mapping.protocol) for _, private in mapping.ports())
+            ports.add((mapping.private_port, mapping.private_end, mapping.protocol))
     args: list[str] = []
-    for port, proto in sorted(ports):
-        args += ["-p", loopback_publish(port, proto)]
+    for port, end, proto in sorted(ports):
+        args += ["-p", loopback_publish(port, proto, end)]
     return args
 
 

@@ -71,7 +71,9 @@ def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Rou
     found = current_containers(ctx.docker(), ctx.dokku_root, app, procs, containers)
     for infos in found.values():
         ctx.inspected.update((c.id, c) for c in infos)
-    return build_routes(app, mappings, found)
+    # Backends that pass Docker's FORWARD filter by themselves need no published ports.
+    forwards = getattr(ctx.backend, "forwards_unpublished", None)
+    return build_routes(app, mappings, found, need_publish=not (forwards and forwards()))
 
 
 def _observe(ctx: Context, routes: Sequence[Route]) -> dict[str, ContainerInfo | None]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -31,9 +31,10 @@ def is_valid_app_name(name: str) -> bool:
     return bool(APP_NAME_RE.fullmatch(name))
 
 
-def loopback_publish(private_port: int, protocol: Protocol) -> str:
-    """Docker's `-p` value that publishes a private port on loopback, as natports needs."""
-    return f"127.0.0.1::{private_port}{'/udp' if protocol is Protocol.UDP else ''}"
+def loopback_publish(private_port: int, protocol: Protocol, end: int | None = None) -> str:
+    """Docker's `-p` value that publishes a private port (or range) on loopback."""
+    ports = str(private_port) if end is None or end == private_port else f"{private_port}-{end}"
+    return f"127.0.0.1::{ports}{'/udp' if protocol is Protocol.UDP else ''}"
 
 
 def host_text(ip: IPAddress) -> str:
@@ -133,6 +134,11 @@ class RouteKey:
     protocol: Protocol
     public_port: int
     public_ip: IPAddress | None = None
+    count: int = 1  # a range: public_port .. public_port + count - 1, one route, one key
+
+    @property
+    def public_end(self) -> int:
+        return self.public_port + self.count - 1
 
     def sort_key(self) -> tuple[int, str, int, str]:
         """A total order (None and addresses do not compare with each other)."""
@@ -154,14 +160,33 @@ class Route:
     def sort_key(self) -> tuple[int, str, int, str]:
         return self.key.sort_key()
 
+    @property
+    def private_end(self) -> int:
+        return self.private_port + self.key.count - 1
+
     def claim(self) -> Mapping:
-        """The public side this route occupies, as a one-port mapping (for conflict checks)."""
+        """The public side this route occupies, as a mapping (for conflict checks)."""
         return Mapping(
             public_port=self.key.public_port,
             private_port=self.private_port,
             protocol=self.key.protocol,
+            count=self.key.count,
             public_ip=self.key.public_ip,
             process_type=self.process_type,
+        )
+
+    def expanded(self) -> tuple[Route, ...]:
+        """One single-port route per port of a range (for backends that serve port by port)."""
+        if self.key.count == 1:
+            return (self,)
+        return tuple(
+            replace(
+                self,
+                key=replace(self.key, public_port=self.key.public_port + i, count=1),
+                private_port=self.private_port + i,
+                backends=tuple(replace(b, port=b.port + i) for b in self.backends),
+            )
+            for i in range(self.key.count)
         )
 
     def to_json(self) -> dict[str, object]:
@@ -175,6 +200,7 @@ class Route:
             "private_port": self.private_port,
             "backends": [b.to_json() for b in self.backends],
             "hairpin_subnets": list(self.hairpin_subnets),
+            **({"count": self.key.count} if self.key.count > 1 else {}),
         }
 
     @classmethod
@@ -191,6 +217,7 @@ class Route:
                 protocol=Protocol(str(data["protocol"])),
                 public_port=int(str(data["public_port"])),
                 public_ip=None if ip is None else ip_address(str(ip)),
+                count=int(str(data.get("count", 1))),
             ),
             private_port=int(str(data["private_port"])),
             backends=tuple(Backend.from_json(b) for b in backends),

@@ -151,6 +151,33 @@ def check_docker_forward() -> Check:
     )
 
 
+def check_forwarding(prefix: str = "NATPORTS") -> Check:
+    """How natports' DNATed flows pass Docker's FORWARD filter: DOCKER-USER, or -p per port."""
+    from .forwarding import Forwarding, chain, mode_of
+
+    live = Forwarding(prefix, iptables_variant()).live()
+    if not live.has_user_chain:
+        return Check(
+            "forwarding",
+            True,
+            "no DOCKER-USER chain (Docker's nftables firewall, or Docker not running): "
+            "containers publish each private port on loopback (-p 127.0.0.1::PORT), "
+            "one docker-proxy process per port",
+        )
+    if mode_of(live, prefix) == "docker-user":
+        return Check(
+            "forwarding",
+            True,
+            f"DOCKER-USER jumps to {chain(prefix)}: natports' flows need no published ports",
+        )
+    return Check(
+        "forwarding",
+        True,
+        f"DOCKER-USER exists; natports adds its accept ({chain(prefix)}) at the next apply, "
+        "and deploys then need no published ports",
+    )
+
+
 def check_conntrack() -> Check:
     proc = _run("conntrack", "-C")
     if proc is None:

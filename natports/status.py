@@ -10,7 +10,7 @@ from .model import IPAddress, Protocol, Route
 
 
 def status(ctx: Context) -> list[dict[str, object]]:
-    """One entry per public port: the documented `status --json` schema."""
+    """One entry per route (a range is one entry): the documented `status --json` schema."""
     counters: dict[str, dict[str, tuple[int, int]]] = {}
 
     def counters_of(name: str) -> dict[str, tuple[int, int]]:
@@ -41,6 +41,9 @@ def status(ctx: Context) -> list[dict[str, object]]:
                     "public_ip": None if route.key.public_ip is None else str(route.key.public_ip),
                     "public_port": route.key.public_port,
                     "private_port": route.private_port,
+                    # A range is one row; for one port the ends equal the starts.
+                    "public_port_end": route.key.public_end,
+                    "private_port_end": route.private_end,
                     "backends": [b.to_json() for b in route.backends],
                     "backend": applied.backend,
                     "packets": packets,

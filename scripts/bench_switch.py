@@ -1,144 +1,277 @@
-"""Measure the cost of switching one app while N other apps are mapped.
+"""How the nft data plane scales: a one-app switch and a full apply, at 1 to 30,000 routes.
 
-Run through scripts/bench-switch (root; dockerd running; test image built).
-It uses its own nft table (`inet natports_bench`) and state directory, sends no
-traffic, and removes everything it created.
+Run through scripts/bench-switch (root). It uses its own nft table
+(`inet natports_bench`), sends no traffic, needs no Docker, and removes the table.
+
+For each table size N it fills the table with N single-port routes of N apps
+(one full apply), then switches one more app between two backends many times
+and reports the median time of the `nft -f -` run of the switch batch; then it
+times full applies (`plan_reconcile` + run) of all N routes. A last row switches
+an app that maps a 10,000-port UDP range.
+
+`--compare REV` measures the renderer of git revision REV the same way, in the
+same run (the "before" column): `--compare 4c5f9e8` is the layout with one chain
+and named counter per route. Output: a table, then one JSON line; `--png FILE`
+also draws the figures (needs the `bench` extra: matplotlib).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+from natports.backends import nft_render
 from natports.backends.nftables import NftBackend
-from natports.model import Backend, Mapping, Protocol, Route, RouteKey
-from natports.store import Applied, Store
+from natports.model import Backend, Protocol, Route, RouteKey
 
-TABLE = "natports_bench"
-IMAGE = "natports-echod:test"
-SWITCHES = 40
-CLI_SWITCHES = 15
+TABLE = "inet natports_bench"
+SIZES = (1, 1000, 10000, 30000)
+SWITCHES = 30
+FULL_APPLIES = 5
+RANGE = 10000
 
 
-def other_routes(count: int) -> list[Route]:
+def filler(count: int) -> list[Route]:
+    """`count` apps with one route each; backends in a range no packet is ever sent to."""
     routes = []
     for i in range(count):
-        # Backends in a documentation-free private range; no packet is ever sent there.
         ip = IPv4Address(int(IPv4Address("172.30.0.0")) + 2 + i)
         routes.append(
             Route(
                 app=f"other{i}",
                 process_type="web",
-                key=RouteKey(4, Protocol.TCP, 20000 + i),
+                key=RouteKey(4, Protocol.TCP, 30000 + i),
                 private_port=5025,
                 backends=(Backend(f"c{i}", ip, 5025),),
+                hairpin_subnets=("172.17.0.0/16",),
             )
         )
     return routes
 
 
-def bench_route(ip: str) -> list[Route]:
+def switched(ip: str, count: int = 1) -> list[Route]:
+    port = 10000 if count > 1 else 24025
     return [
         Route(
             app="bench",
             process_type="web",
-            key=RouteKey(4, Protocol.TCP, 24025),
-            private_port=5025,
-            backends=(Backend("bench", IPv4Address(ip), 5025),),
+            key=RouteKey(4, Protocol.UDP if count > 1 else Protocol.TCP, port, None, count),
+            private_port=port if count > 1 else 5025,
+            backends=(Backend("bench", IPv4Address(ip), port if count > 1 else 5025),),
+            hairpin_subnets=("172.17.0.0/16",),
         )
     ]
 
 
-def summary(samples: list[float]) -> str:
-    samples = sorted(samples)
-    p90 = samples[int(len(samples) * 0.9) - 1]
-    return f"median {statistics.median(samples):7.2f} ms   p90 {p90:7.2f} ms"
+Render = Callable[..., str]
 
 
-def measure(nft: NftBackend, containers: list[str], others: int) -> tuple[str, str, str, int]:
-    """Switch times with `others` apps mapped: nft batch, whole CLI, full reconcile."""
+@dataclass
+class Renderer:
+    """The renderer under test: this tree's, or another revision's (`--compare`)."""
+
+    name: str
+    render_app: Render
+    render_reconcile: Render
+    live: Callable[[NftBackend], Any]
+    expand: bool = False  # renderers before ranges were routes: one route per port
+
+    def _routes(self, routes: Sequence[Route]) -> list[Route]:
+        return [p for r in routes for p in r.expanded()] if self.expand else list(routes)
+
+    def plan_app(self, prev: Sequence[Route], new: Sequence[Route]) -> str:
+        return self.render_app(self._routes(prev), self._routes(new), TABLE)
+
+    def plan_reconcile(self, nft: NftBackend, routes: Sequence[Route]) -> str:
+        return self.render_reconcile(self.live(nft), self._routes(routes), TABLE)
+
+
+def current() -> Renderer:
+    return Renderer(
+        "after (this tree)", nft_render.render_app, nft_render.render_reconcile, NftBackend.live
+    )
+
+
+def from_revision(rev: str) -> Renderer:
+    """Load natports/backends/nft_render.py (and its live reader) as they were at `rev`."""
+    root = Path(__file__).resolve().parent.parent
+    modules: dict[str, ModuleType] = {}
+    for name in ("nft_render", "nftables"):
+        text = subprocess.run(
+            ["git", "-C", str(root), "show", f"{rev}:natports/backends/{name}.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        text = text.replace(
+            "from .nft_render import", "from natports.backends._old_nft_render import"
+        )
+        text = text.replace(
+            "from . import nft_render", "import natports.backends._old_nft_render as nft_render"
+        )
+        full = f"natports.backends._old_{name}"
+        spec = importlib.util.spec_from_loader(full, loader=None)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        module.__package__ = "natports.backends"
+        sys.modules[full] = module
+        exec(compile(text, f"{rev}:{name}.py", "exec"), module.__dict__)
+        modules[name] = module
+    old_backend = modules["nftables"].NftBackend
+
+    def live(nft: NftBackend) -> Any:
+        return old_backend(nft.table).live()
+
+    render = modules["nft_render"]
+    return Renderer(
+        f"before ({rev})", render.render_app, render.render_reconcile, live, expand=True
+    )
+
+
+def timed(nft: NftBackend, batch: str) -> float:
+    start = time.perf_counter()
+    nft.run(batch)
+    return (time.perf_counter() - start) * 1000
+
+
+def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> dict[str, Any]:
+    """Switch and full-apply times with `size` other routes in the table."""
     nft.run(nft.plan_flush_all())
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "state")
-        populated = other_routes(others)
-        for route in populated:
-            store.set_mappings(route.app, (Mapping(route.key.public_port, 5025),))
-            store.set_applied(route.app, Applied("nftables", (route,)))
-        nft.run(nft.plan_reconcile(populated))
+    others = filler(size)
+    nft.run(renderer.plan_reconcile(nft, others))
+    pair = [switched("172.31.0.2", count), switched("172.31.0.3", count)]
+    nft.run(renderer.plan_app([], pair[0]))
+    switch = []
+    for i in range(SWITCHES):
+        batch = renderer.plan_app(pair[i % 2], pair[(i + 1) % 2])
+        switch.append(timed(nft, batch))
+    lines = batch.count("\n")
+    intact = []
+    for _ in range(5 if not renderer.expand else 0):  # intact() reads this layout
+        start = time.perf_counter()
+        nft.intact()
+        intact.append((time.perf_counter() - start) * 1000)
+    everything = [*others, *pair[SWITCHES % 2]]
+    full_run, full_total = [], []
+    for _ in range(FULL_APPLIES if count == 1 else 0):
+        start = time.perf_counter()
+        batch = renderer.plan_reconcile(nft, everything)
+        full_run.append(timed(nft, batch))
+        full_total.append((time.perf_counter() - start) * 1000)
+    return {
+        "routes": size,
+        "range_ports": count if count > 1 else None,
+        "switch_ms": round(statistics.median(switch), 2),
+        "switch_lines": lines,
+        "intact_ms": round(statistics.median(intact), 2) if intact else None,
+        "full_apply_ms": round(statistics.median(full_run), 1) if full_run else None,
+        "full_apply_with_read_ms": round(statistics.median(full_total), 1) if full_total else None,
+    }
 
-        routes = [bench_route("172.31.0.2"), bench_route("172.31.0.3")]
-        nft.run(nft.plan_app([], routes[0]))
-        kernel = []
-        for i in range(SWITCHES):
-            batch = nft.plan_app(routes[i % 2], routes[(i + 1) % 2])
-            start = time.perf_counter()
-            nft.run(batch)
-            kernel.append((time.perf_counter() - start) * 1000)
-        batch_lines = batch.count("\n")
 
-        store.set_mappings("bench", (Mapping(24025, 5025),))
-        argv = [
-            sys.executable,
-            "-m",
-            "natports",
-            "--state-dir",
-            str(store.root),
-            "--nft-table",
-            TABLE,
-            "apply",
-            "--app",
-            "bench",
-            "--container",
-        ]
-        cli = []
-        for i in range(CLI_SWITCHES):
-            start = time.perf_counter()
-            subprocess.run([*argv, containers[i % 2]], check=True, capture_output=True)
-            cli.append((time.perf_counter() - start) * 1000)
+def run_all(nft: NftBackend, renderer: Renderer, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    rows = [measure(nft, renderer, size) for size in sizes]
+    rows.append(measure(nft, renderer, sizes[-1], RANGE))
+    return rows
 
-        full = []
-        for _ in range(5):
-            batch = nft.plan_reconcile([*populated, *routes[0]])
-            start = time.perf_counter()
-            nft.run(batch)
-            full.append((time.perf_counter() - start) * 1000)
-    return summary(kernel), summary(cli), summary(full), batch_lines
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
+
+
+def table(name: str, rows: list[dict[str, Any]]) -> None:
+    print(f"renderer: {name}")
+    head = ("table", "switch batch", "lines", "full apply", "plan + full apply", "intact()")
+    out = [head]
+    for row in rows:
+        what = f"{row['routes']} routes"
+        if row["range_ports"]:
+            what += f", switching a {row['range_ports']}-port range"
+        out.append(
+            (
+                what,
+                f"{row['switch_ms']:.2f} ms",
+                str(row["switch_lines"]),
+                _ms(row["full_apply_ms"]),
+                _ms(row["full_apply_with_read_ms"]),
+                _ms(row["intact_ms"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in out) for i in range(len(head))]
+    for r in out:
+        print(
+            "  "
+            + " | ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    base = rows[0]["switch_ms"]
+    top = [r for r in rows if not r["range_ports"]][-1]
+    print(
+        f"  switch at {top['routes']} routes / at {rows[0]['routes']}: "
+        f"{top['switch_ms'] / base:.2f}x"
+    )
+
+
+def draw(png: Path, results: dict[str, list[dict[str, Any]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in results.items():
+        plain = [r for r in rows if not r["range_ports"]]
+        xs = [r["routes"] for r in plain]
+        left.plot(xs, [r["switch_ms"] for r in plain], marker="o", label=name)
+        right.plot(xs, [r["full_apply_ms"] for r in plain], marker="o", label=name)
+    for axis, title in ((left, "one-app switch: nft batch"), (right, "full apply: nft batch")):
+        axis.set_xscale("symlog", linthresh=1)
+        axis.set_xlabel("routes in the table")
+        axis.set_ylabel("ms (median)")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
 
 
 def main() -> None:
-    nft = NftBackend(f"inet {TABLE}")
-    containers: list[str] = []
-    results: dict[int, tuple[str, str, str, int]] = {}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--compare", metavar="REV", help="also measure this git revision's renderer"
+    )
+    parser.add_argument("--png", type=Path, help="draw the figures into this PNG")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    nft = NftBackend(TABLE)
+    renderers = [current()]
+    if args.compare:
+        renderers.append(from_revision(args.compare))
+    results: dict[str, list[dict[str, Any]]] = {}
     try:
-        for i in range(2):
-            out = subprocess.run(
-                ["docker", "run", "-d", "-p", "127.0.0.1::5025", IMAGE, f"bench{i}", "5025"],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            containers.append(out.stdout.strip())
-        for others in (1, 1000):
-            results[others] = measure(nft, containers, others)
+        for renderer in renderers:
+            results[renderer.name] = run_all(nft, renderer, sizes)
     finally:
         nft.run(nft.plan_flush_all())
-        if containers:
-            subprocess.run(["docker", "rm", "-f", *containers], capture_output=True)
-    for title, column in (
-        ("one-app switch, the nft batch alone", 0),
-        ("one-app switch, `natports apply --app APP --container ID` end to end", 1),
-        ("for contrast: a full reconcile of every app (the kernel part of `natports apply`)", 2),
-    ):
-        print(title)
-        for others, row in results.items():
-            print(f"  {others:5d} other apps   {row[column]}")
-    for others, row in results.items():
-        print(f"per-app batch with {others} other apps: {row[3]} lines")
+    for name, rows in results.items():
+        table(name, rows)
+    print(json.dumps({"bench": "switch", "results": results}))
+    if args.png:
+        draw(args.png, results)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ def sh(
 
 
 def delete_natports_table() -> None:
+    """The test table, and the test prefix's accept in Docker's DOCKER-USER chain."""
+    from natports.doctor import iptables_variant
+    from natports.forwarding import Forwarding
+
     sh("nft", "delete", "table", *TABLE, check=False)
+    Forwarding(NFT_TABLE.upper(), iptables_variant()).remove()
 
 
 DOCKERD_LOG = Path("/var/log/natports-test-dockerd.log")
@@ -216,9 +221,10 @@ class UdpFlow:
 class TagServer:
     """A host-local TCP server that greets with a tag: a backend without Docker."""
 
-    def __init__(self, host: str, tag: str) -> None:
+    def __init__(self, host: str, tag: str, port: int = 0) -> None:
         self.tag = tag
-        self.sock = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -238,6 +244,8 @@ class TagServer:
                 conn.sendall(f"{self.tag} {line.decode().strip()}\n".encode())
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept(): the port is free again
         self.sock.close()
 
 

@@ -39,10 +39,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..model import Route
+from ..model import Backend, Route
 
 DEFAULT_PREFIX = "NATPORTS"
 HAIRPIN_MARK = 0x00100000
+CT_MARK = 0x00100000  # conntrack mark bit of flows natports DNATed, as in nft_render
 # iptables chain names stop at 28 characters: P-R-<12 base32 digits, 60 bits> leaves 13.
 HASH_LEN = 12
 PREFIX_RE = re.compile(r"[A-Z][A-Z0-9_]{0,12}")
@@ -100,6 +101,8 @@ class Layout:
         key = route.key
         ip = "" if key.public_ip is None else str(key.public_ip)
         identity = f"{route.app}|{key.family}|{key.protocol}|{ip}|{key.public_port}"
+        if key.count > 1:  # single ports keep the names they always had
+            identity += f"|{key.count}"
         return f"{self.prefix}-R-{_digest(identity)}"
 
     def owns(self, chain: str) -> bool:
@@ -205,8 +208,6 @@ def _check(routes: Iterable[Route]) -> None:
     for route in routes:
         if route.key.family != 4:
             raise ValueError(f"{route_label(route)}: the iptables renderer is IPv4 only")
-        if not route.backends:
-            raise ValueError(f"{route_label(route)}: a route needs at least one backend")
 
 
 def _skeleton(batch: _Batch, layout: Layout, declare_dispatch: bool) -> None:
@@ -235,8 +236,9 @@ def _app_rules(layout: Layout, app: str, routes: Sequence[Route]) -> list[str]:
     for route in routes:
         key = route.key
         dest = "" if key.public_ip is None else f"-d {key.public_ip}/32 "
+        ports = str(key.public_port) if key.count == 1 else f"{key.public_port}:{key.public_end}"
         lines.append(
-            f"-A {chain} {dest}-p {key.protocol} -m {key.protocol} --dport {key.public_port} "
+            f"-A {chain} {dest}-p {key.protocol} -m {key.protocol} --dport {ports} "
             f'-m comment --comment "{route_label(route)}" -j {layout.route_chain(route)}'
         )
     return lines
@@ -250,6 +252,8 @@ def _route_rules(layout: Layout, route: Route, carried: tuple[int, int]) -> list
         f"-A {chain} -s {subnet} {comment} -j MARK --or-mark {HAIRPIN_MARK:#010x}"
         for subnet in route.hairpin_subnets
     ]
+    if route.backends:  # the forward accept in DOCKER-USER keys on it (natports/forwarding.py)
+        lines.append(f"-A {chain} {comment} -j CONNMARK --or-mark {CT_MARK:#010x}")
     n = len(route.backends)
     for i, backend in enumerate(route.backends):
         spread = ""
@@ -260,9 +264,20 @@ def _route_rules(layout: Layout, route: Route, carried: tuple[int, int]) -> list
             counters = f"-c {carried[0]} {carried[1]} "
         lines.append(
             f"-A {chain} -p {route.key.protocol} {spread}{comment} {counters}"
-            f"-j DNAT --to-destination {backend.ip}:{backend.port}"
+            f"-j DNAT --to-destination {_destination(route, backend)}"
         )
     return lines
+
+
+def _destination(route: Route, backend: Backend) -> str:
+    """`ip:port`; a range keeps the port (`ip`) or shifts it (`ip:first-last/public first`)."""
+    key = route.key
+    if key.count == 1:
+        return f"{backend.ip}:{backend.port}"
+    if route.private_port == key.public_port:
+        return str(backend.ip)
+    # xt_DNAT revision 2 (Linux 4.19): the port moves by the same offset as the range
+    return f"{backend.ip}:{route.private_port}-{route.private_end}/{key.public_port}"
 
 
 def _hook_fixes(

@@ -9,14 +9,14 @@ with --wait, queues behind Docker and other users of the xtables lock.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Sequence
 from typing import Literal
 
 from ..errors import InputError, NatportsError
+from ..forwarding import Forwarding
 from ..model import Route
 from ..probes import check_cap_net_admin
+from ..runner import ToolMissing, run
 from . import ipt_render
 from .ipt_render import Layout, LiveNat
 
@@ -47,6 +47,20 @@ class IptablesBackend:
         except ValueError as exc:
             raise InputError([str(exc)]) from None
         self.search_path = search_path  # where to look for the binaries; None means $PATH
+        self.forwarding = Forwarding(prefix, self.variant)
+        self._forwards: bool | None = None
+        self._ensured = False
+
+    def forwards_unpublished(self) -> bool:
+        """Can natports' flows pass Docker's FORWARD filter without published ports?
+
+        Read-only (planning and --dry-run call it): true when Docker has DOCKER-USER,
+        where `run` puts natports' accept before the first batch that routes anything.
+        Route chains set the conntrack mark bit the accept keys on (ipt_render).
+        """
+        if self._forwards is None:
+            self._forwards = self.forwarding.available()
+        return self._forwards
 
     # -- planning (pure apart from reading our own chains) ---------------------------
 
@@ -71,7 +85,14 @@ class IptablesBackend:
         """
         if not batch.strip():
             return  # nothing was planned: nothing of ours exists
+        flush = "-j DNAT" not in batch and "-X " in batch and ":" in batch and self._is_flush(batch)
+        if not flush and not self._ensured and self.forwards_unpublished():
+            self.forwarding.ensure()  # before the DNAT rules that rely on it
+            self._ensured = True
         self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], batch)
+        if flush:
+            self.forwarding.remove()  # nothing of natports is left to accept
+            self._ensured = False
         fixes = ipt_render.render_hook_fixes(self.layout, self.live())
         if fixes:
             self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], fixes)
@@ -83,6 +104,10 @@ class IptablesBackend:
             ours in live.chains and live.jumps(builtin, ours)
             for builtin, ours in self.layout.hooks()
         )
+
+    def _is_flush(self, batch: str) -> bool:
+        """Does the batch remove every chain of ours (render_flush_all)?"""
+        return batch == ipt_render.render_flush_all(self.layout, self.live())
 
     def live(self) -> LiveNat:
         """Our chains and the rules touching them, with counters."""
@@ -98,15 +123,13 @@ class IptablesBackend:
 
     def _run(self, tool: Literal["restore", "save"], args: list[str], stdin: str = "") -> str:
         command = f"iptables-{self.variant}-{tool}"
-        binary = shutil.which(command, path=self.search_path)
-        if binary is None:
+        try:
+            proc = run([command, *args], stdin=stdin, path=self.search_path)
+        except ToolMissing:
             raise NatportsError(
                 f"iptables-{tool} not found ({command})",
                 "install the iptables package (apt-get install iptables)",
-            )
-        proc = subprocess.run(
-            [binary, *args], input=stdin, capture_output=True, text=True, check=False
-        )
+            ) from None
         if proc.returncode == 0:
             return proc.stdout
         # iptables-nft prints "# Warning: iptables-legacy tables present" on every call.

@@ -1,84 +1,137 @@
 """Routes -> `nft -f -` batch text. Pure: tested by exact expected text.
 
-Layout of the one table natports owns, `inet natports`:
+Layout of the one table natports owns, `inet natports` (F is 4 or 6; each
+`_any` map has an `_addr` twin keyed by host address first, for routes on one
+host address):
 
-    map any4/any6    proto . port          -> goto <route chain>   (all host addresses)
-    map addr4/addr6  address . proto . port -> goto <route chain>   (one host address)
-    chain prerouting (nat, priority -110)  traffic from outside to a host address
-    chain output     (nat, priority -110)  traffic from the host itself, loopback excluded
-    chain postrouting(nat, priority 90)    masquerade hairpin flows marked by a route chain
-    chain dispatch                         looks the flow up in the four maps
-    chain a_APP_PROTO[_IP]_PORT            one per route: counter, DNAT to its backends
-    counter a_...                          named, so a switch keeps the totals
+    map  dnat_anyF    proto . port : address . port    one backend: DNAT from the lookup
+    map  goto_anyF    proto . port : goto <chain>      several backends (numgen in the chain)
+    map  range_anyF   proto . port-end : goto <chain>  ranges (interval map, counter per element)
+    set  count_anyF   proto . port                     every single-port route, counter per element
+    set  hairpinF     the backends' subnets: flows from there are marked for masquerade
+    chain prerouting (nat, priority -110)    traffic from outside to a host address
+    chain output     (nat, priority -110)    traffic from the host itself, loopback excluded
+    chain postrouting(nat, priority 90)      masquerade hairpin flows (packet mark bit)
+    chain dispatch                           counts and marks, then DNATs through the maps
+    chain r_<app>_<digest>                   only for a route with several backends or a range
+
+A route with one backend and one port is one element of a `dnat_` map: the
+kernel DNATs straight from the lookup (`dnat ip to ... map @dnat_any4`), with no
+chain and no named object. Its counter lives in the `count_` set, whose
+elements do not change when the route's backend does, so totals survive
+switches. A switch of one app is a handful of element updates; `nft` never has
+to load the other apps' objects (no chain, no named counter per route), so its
+cost does not depend on the size of the table (docs/performance.md).
+
+Single ports live in hash maps and sets: concatenated interval sets (pipapo)
+cost O(n) per insertion, which made a full apply of 30,000 routes take 20 s.
+Only ranges use them (`range_` maps), and only the hairpin subnets (few) are
+intervals otherwise.
+
+Every flow natports DNATs also gets CT_MARK in its conntrack mark: the forward
+accept in Docker's DOCKER-USER chain keys on it (natports/forwarding.py).
 
 Priority -110 runs before Docker's nat chains (-100): netfilter keeps the first
-NAT binding, and ours must win for our ports. Switching an app rewrites only
-the app's chains and elements plus the fixed skeleton, so its cost does not
-grow with the number of other apps.
+NAT binding, and ours must win for our ports.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..model import Route, RouteKey, host_text
 
 TABLE = "inet natports"  # family and name; tests use another name to stay apart
-HAIRPIN_MARK = 0x00100000
+HAIRPIN_MARK = 0x00100000  # packet mark bit: masquerade this flow in postrouting
+CT_MARK = 0x00100000  # conntrack mark bit: natports DNATed this flow (forward accept)
 PRIORITY_DNAT = -110
 PRIORITY_SNAT = 90
+FAMILIES = (4, 6)
 
 
-@dataclass(frozen=True)
-class LiveElement:
-    map: str
-    key: str  # nft text of the key, e.g. "tcp . 25"
-    target: str  # chain it jumps to
+def _ip(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
 
 
-@dataclass(frozen=True)
-class LiveTable:
-    """What the kernel holds in our table, as far as reconciling needs it."""
+def _addr_type(family: int) -> str:
+    return "ipv4_addr" if family == 4 else "ipv6_addr"
 
-    chains: frozenset[str]
-    elements: frozenset[LiveElement]
-    counters: frozenset[str]
+
+def _digest(text: str) -> str:
+    """Stable across versions and hosts: state and kernel must agree on names after upgrades."""
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:12].lower()
 
 
 def chain_name(app: str, key: RouteKey) -> str:
-    """Deterministic, and unique because a route key belongs to one app only."""
-    prefix = "a" if key.family == 4 else "a6"
-    host = ""
-    if key.public_ip is not None:
-        host = "_" + str(key.public_ip).replace(":", "-")
-    return f"{prefix}_{app}_{key.protocol}{host}_{key.public_port}"
+    """A route chain: `r_<app>_<digest of the key>`; at most 215 characters (nft allows 256).
+
+    App names (`[a-z0-9][a-z0-9._-]*`) are valid in nft identifiers after the `r_` prefix.
+    """
+    ip = "" if key.public_ip is None else str(key.public_ip)
+    ident = f"{key.family}|{key.protocol}|{ip}|{key.public_port}|{key.count}"
+    return f"r_{app}_{_digest(ident)}"
 
 
-def map_name(key: RouteKey) -> str:
+def scope(key: RouteKey) -> str:
+    """`any4`, `addr6`, ...: which map of a kind holds the key."""
     return f"{'any' if key.public_ip is None else 'addr'}{key.family}"
 
 
 def element_key(key: RouteKey) -> str:
+    ports = str(key.public_port) if key.count == 1 else f"{key.public_port}-{key.public_end}"
     head = "" if key.public_ip is None else f"{key.public_ip} . "
-    return f"{head}{key.protocol} . {key.public_port}"
+    return f"{head}{key.protocol} . {ports}"
+
+
+def route_id(key: RouteKey) -> str:
+    """Where `counters` reports a route: the set (or range map) and element with its counter."""
+    where = "range" if key.count > 1 else "count"
+    return f"{where}_{scope(key)}:{element_key(key)}"
+
+
+def _dnat_value(route: Route) -> str:
+    backend = route.backends[0]
+    return f"{backend.ip} . {backend.port}"
 
 
 def skeleton(table: str = TABLE) -> list[str]:
     """The fixed part: declared with `add` (idempotent), base chains flushed and refilled."""
-    lines = [
-        f"add table {table}",
-        f"add map {table} any4 {{ type inet_proto . inet_service : verdict ; }}",
-        f"add map {table} any6 {{ type inet_proto . inet_service : verdict ; }}",
-        f"add map {table} addr4 {{ type ipv4_addr . inet_proto . inet_service : verdict ; }}",
-        f"add map {table} addr6 {{ type ipv6_addr . inet_proto . inet_service : verdict ; }}",
-        f"add chain {table} dispatch",
-        f"flush chain {table} dispatch",
-        f"add rule {table} dispatch ip daddr . meta l4proto . th dport vmap @addr4",
-        f"add rule {table} dispatch ip6 daddr . meta l4proto . th dport vmap @addr6",
-        f"add rule {table} dispatch meta nfproto ipv4 meta l4proto . th dport vmap @any4",
-        f"add rule {table} dispatch meta nfproto ipv6 meta l4proto . th dport vmap @any6",
-    ]
+    lines = [f"add table {table}"]
+    for f in FAMILIES:
+        a = _addr_type(f)
+        for where, key in (("any", "inet_proto . inet_service"), ("addr", f"{a} . {key_tail()}")):
+            lines += [
+                f"add map {table} dnat_{where}{f} {{ type {key} : {a} . inet_service ; }}",
+                f"add map {table} goto_{where}{f} {{ type {key} : verdict ; }}",
+                f"add map {table} range_{where}{f} "
+                f"{{ type {key} : verdict ; flags interval ; counter ; }}",
+                f"add set {table} count_{where}{f} {{ type {key} ; counter ; }}",
+            ]
+        lines.append(f"add set {table} hairpin{f} {{ type {a} ; flags interval ; }}")
+    lines += [f"add chain {table} dispatch", f"flush chain {table} dispatch"]
+    rule = f"add rule {table} dispatch"
+    ct = f"ct mark set ct mark | {CT_MARK:#010x}"
+    mark = f"meta mark set meta mark | {HAIRPIN_MARK:#010x}"
+    for f in FAMILIES:
+        ip, nf = _ip(f), f"meta nfproto ipv{f}"
+        addr_key = f"{ip} daddr . meta l4proto . th dport"
+        any_key = f"{nf} meta l4proto . th dport"
+        # Exactly one counter lookup per packet: from a backend subnet (hairpin) or not.
+        for key, where in ((addr_key, "addr"), (any_key, "any")):
+            lines += [
+                f"{rule} {ip} saddr != @hairpin{f} {key} @count_{where}{f} {ct}",
+                f"{rule} {ip} saddr @hairpin{f} {key} @count_{where}{f} {mark} {ct}",
+            ]
+        for key, where, daddr in ((addr_key, "addr", f"{ip} daddr . "), (any_key, "any", "")):
+            lines += [
+                f"{rule} {key} vmap @goto_{where}{f}",
+                f"{rule} {nf} meta l4proto {{ tcp, udp }} "
+                f"dnat {ip} to {daddr}meta l4proto . th dport map @dnat_{where}{f}",
+                f"{rule} {key} vmap @range_{where}{f}",
+            ]
     for hook, prio in (
         ("prerouting", PRIORITY_DNAT),
         ("output", PRIORITY_DNAT),
@@ -98,100 +151,189 @@ def skeleton(table: str = TABLE) -> list[str]:
     return lines
 
 
-def route_lines(route: Route, table: str = TABLE) -> list[str]:
-    """Create or refill one route's chain, counter and map element."""
-    name = chain_name(route.app, route.key)
-    ip = "ip" if route.key.family == 4 else "ip6"
-    lines = [
-        f"add counter {table} {name}",
-        f"add chain {table} {name}",
-        f"flush chain {table} {name}",
+def key_tail() -> str:
+    return "inet_proto . inet_service"
+
+
+def counter_objects() -> list[tuple[str, str]]:
+    """(`set` or `map`, name) of everything holding route counters."""
+    return [
+        (what, f"{prefix}_{where}{f}")
+        for f in FAMILIES
+        for where in ("any", "addr")
+        for what, prefix in (("set", "count"), ("map", "range"))
     ]
-    if route.hairpin_subnets:
-        subnets = ", ".join(route.hairpin_subnets)
-        lines.append(
-            f"add rule {table} {name} {ip} saddr {{ {subnets} }} "
-            f"meta mark set meta mark | {HAIRPIN_MARK:#010x}"
-        )
-    lines.append(
-        f"add rule {table} {name} meta l4proto {route.key.protocol} counter name {name} "
-        f"dnat {ip} to {_targets(route)}"
-    )
-    lines.append(
-        f"add element {table} {map_name(route.key)} {{ {element_key(route.key)} : goto {name} }}"
-    )
-    return lines
+
+
+def kind(route: Route) -> str:
+    """Which map holds the route: `dnat` (one backend), `goto` (several), `range`."""
+    if route.key.count > 1:
+        return "range"
+    return "dnat" if len(route.backends) == 1 else "goto"
 
 
 def _targets(route: Route) -> str:
-    port = route.private_port
-    addrs = [host_text(b.ip) for b in route.backends]
+    """The DNAT target of a route chain: address(es), then the port (kept for a range)."""
+    addrs = [b.ip if route.key.count > 1 else host_text(b.ip) for b in route.backends]
     if len(addrs) == 1:
-        return f"{addrs[0]} : {port}"
-    entries = ", ".join(f"{i} : {a}" for i, a in enumerate(addrs))
-    return f"numgen random mod {len(addrs)} map {{ {entries} }} : {port}"
+        head = str(addrs[0])
+    else:
+        entries = ", ".join(f"{i} : {a}" for i, a in enumerate(addrs))
+        head = f"numgen random mod {len(addrs)} map {{ {entries} }}"
+    if route.key.count == 1:
+        return f"{head} : {route.private_port}"
+    if route.private_port == route.key.public_port:
+        return head  # an identical range: DNAT the address only, the port stays
+    shifted = ", ".join(
+        f"{route.key.public_port + i} : {route.private_port + i}" for i in range(route.key.count)
+    )
+    return f"{head} : th dport map {{ {shifted} }}"
 
 
-def removal_lines(
-    elements: Iterable[LiveElement],
-    chains: Iterable[str],
-    counters: Iterable[str],
-    table: str = TABLE,
-) -> list[str]:
-    """Delete objects; each is first `add`ed so that a missing one cannot fail the batch."""
-    lines: list[str] = []
-    for el in sorted(elements, key=lambda e: (e.map, e.key)):
-        lines.append(f"add chain {table} {el.target}")
-        lines.append(f"add element {table} {el.map} {{ {el.key} : goto {el.target} }}")
-        lines.append(f"delete element {table} {el.map} {{ {el.key} }}")
-    for chain in sorted(chains):
-        lines += [
-            f"add chain {table} {chain}",
-            f"flush chain {table} {chain}",
-            f"delete chain {table} {chain}",
-        ]
-    for counter in sorted(counters):
-        lines += [f"add counter {table} {counter}", f"delete counter {table} {counter}"]
+def _chain_lines(route: Route, table: str) -> list[str]:
+    name = chain_name(route.app, route.key)
+    f = route.key.family
+    ip = _ip(f)
+    lines = [f"add chain {table} {name}", f"flush chain {table} {name}"]
+    if kind(route) == "range":
+        # Ranges are not in the count sets, whose dispatch rules mark the other routes.
+        lines.append(
+            f"add rule {table} {name} {ip} saddr @hairpin{f} "
+            f"meta mark set meta mark | {HAIRPIN_MARK:#010x}"
+        )
+        ct = f"ct mark set ct mark | {CT_MARK:#010x} "
+    else:
+        ct = ""
+    lines.append(
+        f"add rule {table} {name} meta l4proto {route.key.protocol} {ct}"
+        f"dnat {ip} to {_targets(route)}"
+    )
     return lines
 
 
-def _live_of(route: Route) -> LiveElement:
-    return LiveElement(
-        map_name(route.key), element_key(route.key), chain_name(route.app, route.key)
-    )
+def _element(route: Route) -> str:
+    """The route's element in its `kind` map."""
+    key = element_key(route.key)
+    if kind(route) == "dnat":
+        return f"{key} : {_dnat_value(route)}"
+    return f"{key} : goto {chain_name(route.app, route.key)}"
+
+
+def _map(route: Route) -> str:
+    return f"{kind(route)}_{scope(route.key)}"
+
+
+def _add(table: str, name: str, items: Iterable[str]) -> list[str]:
+    return [f"add element {table} {name} {{ {item} }}" for item in items]
+
+
+def _remove(table: str, name: str, items: Iterable[str], keys: Iterable[str]) -> list[str]:
+    """Delete elements; each is first `add`ed, so that a missing one cannot fail the batch."""
+    lines = _add(table, name, items)
+    lines += [f"delete element {table} {name} {{ {key} }}" for key in keys]
+    return lines
+
+
+def _remove_target(route: Route, table: str) -> list[str]:
+    """The map element (and chain) of a route that goes or changes kind or backend."""
+    key = element_key(route.key)
+    if kind(route) == "dnat":
+        return _remove(table, _map(route), [_element(route)], [key])
+    name = chain_name(route.app, route.key)
+    return [
+        f"add chain {table} {name}",
+        *_remove(table, _map(route), [_element(route)], [key]),
+        f"flush chain {table} {name}",
+        f"delete chain {table} {name}",
+    ]
+
+
+def _add_target(route: Route, table: str) -> list[str]:
+    if kind(route) == "dnat":
+        return _add(table, _map(route), [_element(route)])
+    return [*_chain_lines(route, table), *_add(table, _map(route), [_element(route)])]
+
+
+def _same_target(a: Route, b: Route) -> bool:
+    """Would the kernel hold the same element for both? (A chain's rules are refilled anyway.)"""
+    return bool(a.backends) == bool(b.backends) and _element(a) == _element(b)
+
+
+def _hairpin_lines(routes: Iterable[Route], table: str) -> list[str]:
+    """Subnets are shared by apps: added here, removed only by a reconcile."""
+    lines = []
+    for f in FAMILIES:
+        subnets = sorted({s for r in routes if r.key.family == f for s in r.hairpin_subnets})
+        if subnets:
+            lines.append(f"add element {table} hairpin{f} {{ {', '.join(subnets)} }}")
+    return lines
 
 
 def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE) -> str:
-    """One app's switch: the skeleton, what the app no longer has removed, the rest refilled."""
-    wanted = {chain_name(r.app, r.key) for r in desired}
-    gone = [r for r in previous if chain_name(r.app, r.key) not in wanted]
+    """One app's switch: the skeleton, then only the app's elements and chains.
+
+    Every element of `desired` is (re-)added: `add` of an element the kernel holds
+    unchanged is a no-op, and one it lost comes back. An element whose value changes
+    is deleted and added (the kernel cannot replace a value in place).
+    """
     lines = skeleton(table)
-    lines += removal_lines(
-        [_live_of(r) for r in gone],
-        [chain_name(r.app, r.key) for r in gone],
-        [chain_name(r.app, r.key) for r in gone],
-        table,
-    )
+    wanted = {r.key: r for r in desired}
+    for old in sorted(previous, key=Route.sort_key):
+        new = wanted.get(old.key)
+        if new is None and kind(old) != "range":
+            key = element_key(old.key)
+            lines += _remove(table, f"count_{scope(old.key)}", [key], [key])
+        if old.backends and (new is None or not _same_target(old, new)):
+            lines += _remove_target(old, table)
+    lines += _hairpin_lines(desired, table)
     for route in sorted(desired, key=Route.sort_key):
-        lines += route_lines(route, table)
+        if kind(route) != "range":
+            lines += _add(table, f"count_{scope(route.key)}", [element_key(route.key)])
+        if route.backends:  # a route without backends is counted, never DNATed
+            lines += _add_target(route, table)
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class LiveTable:
+    """What reconciling needs from the kernel: the counters, to carry them over."""
+
+    counters: dict[str, tuple[int, int]]
+
+
+def _with_counter(item: str, found: tuple[int, int] | None) -> str:
+    """`key` or `key counter packets P bytes B` (before the `: value` of a map element)."""
+    if not found or found == (0, 0):
+        return item
+    key, sep, value = item.partition(" : ")
+    return f"{key} counter packets {found[0]} bytes {found[1]}{sep}{value}"
+
+
 def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
-    """Make the whole table exactly `desired`, whatever it held (drift included)."""
-    wanted_elements = {_live_of(r) for r in desired}
-    wanted_chains = {chain_name(r.app, r.key) for r in desired}
-    lines = skeleton(table)
-    if live is not None:
-        route_chains = {c for c in live.chains if c.startswith(("a_", "a6_"))}
-        lines += removal_lines(
-            live.elements - wanted_elements,
-            route_chains - wanted_chains,
-            live.counters - wanted_chains,
-            table,
-        )
+    """Make the whole table exactly `desired`, whatever it held (drift included).
+
+    One transaction deletes the table and builds it again, so nothing stale can
+    survive; counters are carried over from what the kernel held just before.
+    Elements go in one `add element` per map: nft parses a long list far faster
+    than as many statements.
+    """
+    counters = {} if live is None else live.counters
+    lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
+    lines += _hairpin_lines(desired, table)
+    elements: dict[str, list[str]] = {}
     for route in sorted(desired, key=Route.sort_key):
-        lines += route_lines(route, table)
+        found = counters.get(route_id(route.key))
+        if kind(route) != "range":
+            count = _with_counter(element_key(route.key), found)
+            elements.setdefault(f"count_{scope(route.key)}", []).append(count)
+            found = None
+        if not route.backends:
+            continue
+        if kind(route) != "dnat":
+            lines += _chain_lines(route, table)
+        elements.setdefault(_map(route), []).append(_with_counter(_element(route), found))
+    for name, items in elements.items():
+        lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -46,10 +46,11 @@ class ProxyBackend:
             raise NatportsError(f"cannot read {self.config_path}: {exc.strerror}") from None
 
     def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
-        return proxy_config.render_config(proxy_config.merge_app(self.current(), previous, desired))
+        merged = proxy_config.merge_app(self.current(), _ports(previous), _ports(desired))
+        return proxy_config.render_config(merged)
 
     def plan_reconcile(self, desired: Sequence[Route]) -> str:
-        return proxy_config.render_config(desired)
+        return proxy_config.render_config(_ports(desired))
 
     def plan_flush_all(self) -> str:
         return proxy_config.render_config(())
@@ -151,3 +152,8 @@ class ProxyBackend:
             if isinstance(row, dict):
                 result[str(row["id"])] = (int(row["connections"]), int(row["bytes"]))
         return result
+
+
+def _ports(routes: Sequence[Route]) -> list[Route]:
+    """The proxy listens port by port: a range route is one route per port here."""
+    return [single for route in routes for single in route.expanded()]

@@ -18,23 +18,29 @@ NAMES = ("nftables", "iptables", "proxy")
 def make(name: str, table: str, state_dir: Path) -> RouteBackend:
     """A backend by name; `table` names natports' nft table / iptables chain prefix."""
     if name == "nftables":
+        from ..forwarding import Forwarding
         from .nftables import NftBackend
 
-        return NftBackend(f"inet {table}")
+        return NftBackend(f"inet {table}", forwarding=Forwarding(table.upper(), _variant()))
     if name == "iptables":
-        from ..probes import iptables_variant
         from .iptables import IptablesBackend
 
-        # NATPORTS_IPTABLES_VARIANT=nft|legacy overrides the detection (tests use both).
-        variant = os.environ.get("NATPORTS_IPTABLES_VARIANT") or iptables_variant()
-        if variant not in ("nft", "legacy"):
-            raise InputError([f'NATPORTS_IPTABLES_VARIANT "{variant}" is not nft or legacy'])
-        return IptablesBackend(variant, prefix=table.upper())
+        return IptablesBackend(_variant(), prefix=table.upper())
     if name == "proxy":
         from .proxy import ProxyBackend
 
         return ProxyBackend(state_dir)
     raise InputError([f'unknown backend "{name}" (expected auto, {", ".join(NAMES)})'])
+
+
+def _variant() -> str:
+    from ..probes import iptables_variant
+
+    # NATPORTS_IPTABLES_VARIANT=nft|legacy overrides the detection (tests use both).
+    variant = os.environ.get("NATPORTS_IPTABLES_VARIANT") or iptables_variant()
+    if variant not in ("nft", "legacy"):
+        raise InputError([f'NATPORTS_IPTABLES_VARIANT "{variant}" is not nft or legacy'])
+    return variant
 
 
 def resolve(name: str) -> str:

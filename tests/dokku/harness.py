@@ -137,6 +137,9 @@ class DeployResult:
     created: int = 0  # containers created by this deploy
 
 
+PRIVATE_PORTS = ("5000", "5025", "5026", "5027", "5030", "5999")
+
+
 class DokkuHost:
     """The dokku user, DOKKU_ROOT, the plugin path with natports installed by its installer."""
 
@@ -514,6 +517,9 @@ class DokkuHost:
         """`docker container create` with Dokku's labels (scheduler-deploy:21,
         bin/scheduler-deploy-process-container)."""
         ports = [a.split("::")[1].split("/")[0] for a in args if a.startswith("127.0.0.1::")]
+        if not ports:
+            # natports' DOCKER-USER accept in place: no -p; listen on every port the tests map
+            ports = list(PRIVATE_PORTS)
         publish = [a for a in args if a.startswith("127.0.0.1::")]
         argv = [
             "docker",
@@ -534,7 +540,7 @@ class DokkuHost:
         ]
         for p in publish:
             argv += ["-p", p]
-        cid = sh(*argv, TEST_IMAGE, tag, *(ports or ["5000"])).stdout.strip()
+        cid = sh(*argv, TEST_IMAGE, tag, *ports).stdout.strip()
         self.containers.append(cid)
         return cid
 

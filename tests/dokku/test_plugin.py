@@ -74,7 +74,7 @@ def test_ports_changed_between_deploys_take_effect_on_that_deploy(
     assert tags(client_net, PORT) == {"v2.web.1"}
     assert tags(client_net, PORT + 2) == {"v2.web.1"}
     assert tags(client_net, PORT + 1) == {"refused"}
-    assert str(PORT + 1) not in dokku.table()
+    assert f"tcp . {PORT + 1}" not in dokku.table()
 
 
 def test_scale_restart_and_new_addresses(dokku: DokkuHost, client_net: ClientNet) -> None:

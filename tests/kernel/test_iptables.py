@@ -23,6 +23,7 @@ from natports.backends.iptables import IptablesBackend
 from natports.errors import InputError, NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import ClientNet, TagServer, sh
+from tests.kernel.conftest import range_route
 
 PREFIX = "NPKTEST"  # not NATPORTS_TEST either: the e2e suite may use that one meanwhile
 VARIANTS = ["nft", "legacy"]
@@ -230,7 +231,7 @@ def test_one_apps_switch_leaves_another_apps_chains_untouched(
     ipt.run(batch)
     assert app_lines(ipt.variant, ipt, "chat", chat) == chat_before  # counters included
     if ipt.variant == "nft":
-        assert len(handles_before) == 3
+        assert len(handles_before) == 4  # dispatch jump, app rule, CONNMARK, DNAT
         assert chat_handles() == handles_before
     assert any("--to-destination 172.30.0.9:5025" in ln for ln in ours(ipt.variant))
 
@@ -368,3 +369,16 @@ def test_a_bad_variant_or_prefix_is_an_input_error() -> None:
         IptablesBackend("nftables", prefix=PREFIX)
     with pytest.raises(InputError, match="28 characters"):
         IptablesBackend("nft", prefix="NATPORTS_TOO_LONG")
+
+
+def test_a_shifted_range_is_one_chain_and_reaches_each_port(
+    ipt: IptablesBackend, client_net: ClientNet, range_servers: list[TagServer]
+) -> None:
+    rng = range_route("ftp", 25300, 27300, 3, client_net.host_ip)
+    ipt.run(ipt.plan_app([], [rng]))
+    assert (
+        len([line for line in ours(ipt.variant) if line.startswith(":")]) == 6
+    )  # 4 fixed + app + route
+    for offset in range(3):
+        assert client_net.connect_once(25300 + offset) == {"tag": f"p{27300 + offset}"}
+    assert ipt.counters()[ipt.route_id(rng)][0] >= 3

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from ipaddress import ip_address
 
 import pytest
@@ -11,6 +10,7 @@ from natports.backends.nftables import NftBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import NFT_TABLE, ClientNet, TagServer, sh
+from tests.kernel.conftest import range_route
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
@@ -36,9 +36,14 @@ def listing() -> str:
     return sh("nft", "list", "table", *TABLE.split()).stdout
 
 
-def counter_handles() -> dict[str, int]:
-    doc = json.loads(sh("nft", "-j", "list", "counters", "table", *TABLE.split()).stdout)
-    return {c["counter"]["name"]: c["counter"]["handle"] for c in doc["nftables"] if "counter" in c}
+def elements(name: str) -> str:
+    return sh(
+        "nft",
+        "list",
+        "set" if name.startswith(("count", "hairpin")) else "map",
+        *TABLE.split(),
+        name,
+    ).stdout
 
 
 def test_a_switch_is_idempotent(nft: NftBackend) -> None:
@@ -63,49 +68,117 @@ def test_a_failing_batch_changes_nothing(nft: NftBackend) -> None:
 
 def test_switching_one_app_leaves_other_apps_objects_alone(nft: NftBackend) -> None:
     mail = [route("mail", 21025, ("172.30.0.2", 5025))]
-    chat = [route("chat", 21026, ("172.30.0.5", 6000))]
+    chat = [route("chat", 21026, ("172.30.0.5", 6000), ("172.30.0.6", 6000))]
     nft.run(nft.plan_app([], mail))
     nft.run(nft.plan_app([], chat))
-    # Give chat's counter a value, then switch mail: chat's batch text names no chat object.
     batch = nft.plan_app(mail, [route("mail", 21025, ("172.30.0.9", 5025))])
-    assert "chat" not in batch
+    assert "chat" not in batch and "21026" not in batch
     nft.run(batch)
     text = listing()
-    assert "dnat ip to 172.30.0.5:6000" in text
-    assert "dnat ip to 172.30.0.9:5025" in text
+    assert "tcp . 21025 : 172.30.0.9 . 5025" in text
+    assert "numgen random mod 2 map { 0 : 172.30.0.5, 1 : 172.30.0.6 }" in text
     assert "172.30.0.2" not in text
 
 
 def test_removed_routes_leave_no_objects(nft: NftBackend) -> None:
-    both = [route("mail", 21025, ("172.30.0.2", 5025)), route("mail", 21026, ("172.30.0.2", 5026))]
+    both = [
+        route("mail", 21025, ("172.30.0.2", 5025)),
+        route("mail", 21026, ("172.30.0.2", 5026), ("172.30.0.3", 5026)),
+    ]
     nft.run(nft.plan_app([], both))
+    assert "21026" in listing()
     nft.run(nft.plan_app(both, both[:1]))
-    live = nft.live()
-    assert live is not None
-    assert not any("21026" in c for c in live.chains | live.counters)
-    assert {e.key for e in live.elements} == {"tcp . 21025"}
+    text = listing()
+    assert "21026" not in text
+    assert "chain r_" not in text
+    assert "tcp . 21025" in text
 
 
 def test_removal_of_objects_already_gone_does_not_fail(nft: NftBackend) -> None:
     """State says a route exists but the kernel lost it (reboot): removing it still works."""
-    ghost = [route("mail", 21025, ("172.30.0.2", 5025))]
+    ghost = [
+        route("mail", 21025, ("172.30.0.2", 5025)),
+        route("mail", 21026, ("172.30.0.2", 5026), ("172.30.0.3", 5026)),
+    ]
     nft.run(nft.plan_app(ghost, []))
-    live = nft.live()
-    assert live is not None and not live.elements
+    assert "2102" not in listing()
+
+
+def test_a_lost_table_comes_back_with_the_next_switch(nft: NftBackend) -> None:
+    routes = [route("mail", 21025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_app([], routes))
+    assert nft.intact()
+    sh("nft", "delete", "table", *TABLE.split())
+    assert not nft.intact()
+    nft.run(nft.plan_app(routes, routes))
+    assert nft.intact()
+    assert "tcp . 21025 : 172.30.0.2 . 5025" in listing()
 
 
 def test_reconcile_removes_drift_and_keeps_counters(nft: NftBackend) -> None:
     mail = [route("mail", 21025, ("172.30.0.2", 5025))]
-    stale = [route("gone", 21030, ("172.30.0.7", 5025))]
+    stale = [route("gone", 21030, ("172.30.0.7", 5025), ("172.30.0.8", 5025))]
     nft.run(nft.plan_app([], mail + stale))
-    before = counter_handles()
+    rid = nft.route_id(mail[0])
+    sh(
+        "nft",
+        "add",
+        "element",
+        *TABLE.split(),
+        "count_any4",
+        "{ tcp . 21025 counter packets 3 bytes 180 }",
+    )
+    assert nft.counters()[rid] == (0, 0)  # `add` of an existing element changes nothing
+    sh("nft", "delete", "element", *TABLE.split(), "count_any4", "{ tcp . 21025 }")
+    sh(
+        "nft",
+        "add",
+        "element",
+        *TABLE.split(),
+        "count_any4",
+        "{ tcp . 21025 counter packets 3 bytes 180 }",
+    )
     nft.run(nft.plan_reconcile(mail))
-    assert counter_handles()["a_mail_tcp_21025"] == before["a_mail_tcp_21025"]
-    live = nft.live()
-    assert live is not None
-    assert {c for c in live.chains if c.startswith("a_")} == {"a_mail_tcp_21025"}
-    assert live.counters == {"a_mail_tcp_21025"}
-    assert {e.target for e in live.elements} == {"a_mail_tcp_21025"}
+    assert nft.counters() == {rid: (3, 180)}
+    text = listing()
+    assert "21030" not in text and "chain r_" not in text
+
+
+def test_a_range_is_a_constant_number_of_objects(nft: NftBackend) -> None:
+    rng = Route(
+        app="rtp",
+        process_type="web",
+        key=RouteKey(4, Protocol.UDP, 30000, None, 10000),
+        private_port=30000,
+        backends=(Backend("c1", ip_address("172.30.0.2"), 30000),),
+    )
+    batch = nft.plan_app([], [rng])
+    assert len(batch.splitlines()) < 60
+    nft.run(batch)
+    assert "udp . 30000-39999" in elements("range_any4")
+    assert "udp . 30000-39999 counter packets 0 bytes 0 : goto r_rtp_" in elements("range_any4")
+
+
+def test_odd_app_names_make_valid_objects(nft: NftBackend) -> None:
+    """Dokku's legacy names: dots, dashes, underscores, a leading digit, 200 characters."""
+    apps = ["0app", "my_app.v-2", "a" * 200]
+    routes = [
+        route(app, 21025 + i, ("172.30.0.2", 5025), ("172.30.0.3", 5025))
+        for i, app in enumerate(apps)
+    ]
+    for r in routes:
+        nft.run(nft.plan_app([], [r]))
+    for r in routes:
+        nft.run(nft.plan_app([r], []))
+    assert "chain r_" not in listing()
+
+
+def test_intact_is_cheap_and_false_without_a_table(nft: NftBackend) -> None:
+    assert not nft.intact()
+    nft.run(nft.plan_app([], [route("mail", 21025, ("172.30.0.2", 5025))]))
+    assert nft.intact()
+    sh("nft", "delete", "chain", *TABLE.split(), "postrouting")
+    assert not nft.intact()
 
 
 def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
@@ -138,4 +211,18 @@ def test_kernel_dnat_switch_keeps_established_flows(
     finally:
         held.close()
     counters = nft.counters()
-    assert counters["a_mail_tcp_21040"][0] >= 2  # one packet per new flow, at least
+    # one packet per new flow, at least, and the switch kept the total
+    assert counters[nft.route_id(first[0])][0] >= 2
+
+
+def test_a_shifted_range_reaches_each_port_and_counts_in_one_element(
+    nft: NftBackend, client_net: ClientNet, range_servers: list[TagServer]
+) -> None:
+    rng = range_route("ftp", 21300, 27300, 3, client_net.host_ip)
+    nft.run(nft.plan_app([], [rng]))
+    for offset in range(3):
+        assert client_net.connect_once(21300 + offset) == {"tag": f"p{27300 + offset}"}
+    assert nft.counters()[nft.route_id(rng)][0] >= 3
+    same = range_route("ftp", 27300, 27300, 3, client_net.host_ip)  # the port stays
+    nft.run(nft.plan_app([rng], [same]))
+    assert client_net.connect_once(27301) == {"tag": "p27301"}

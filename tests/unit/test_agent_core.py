@@ -261,3 +261,17 @@ def test_metrics_text() -> None:
     assert 'natports_last_apply_seconds{app="dns"} 0.25' in lines
     assert "# TYPE natports_agent_errors_total counter" in lines
     assert render_rows([], None).splitlines()[-1] == "natports_agent_up 0"
+
+
+def test_a_ranges_flows_are_matched_by_offset() -> None:
+    """10000-10009 -> 20000-20009: public 10003 reaches private 20003 of the backend."""
+    r = route("rtp", RouteKey(4, UDP, 10000, count=10), 20000, "172.17.0.3")
+    mine = flow(10003, "172.17.0.3", 20003)
+    shifted_wrong = flow(10003, "172.17.0.3", 20004)  # not this route's mapping
+    outside = flow(10010, "198.51.100.1", 10010)  # past the range's end
+    early = flow(10009, "198.51.100.1", 10009)
+    assert stale_udp([mine, shifted_wrong, outside, early], r, set(), LOCAL) == [
+        shifted_wrong,
+        early,
+    ]
+    assert count_flows([mine], r, LOCAL) == [FlowCount(ip_address("172.17.0.3"), 20000, 0, 1)]

@@ -230,7 +230,7 @@ def test_doctor_prints_checks_and_exits_1_when_the_backend_cannot_work(
         Check("proxy", False, "no natports proxy is running", "run `natports proxy`"),
     ]
     outcome = (checks, "proxy", "nft not found", False)
-    monkeypatch.setattr("natports.doctor.run_all", lambda root: outcome)
+    monkeypatch.setattr("natports.doctor.run_all", lambda root, prefix: outcome)
     result = run("doctor")
     assert result.exit_code == 1
     assert result.output.splitlines() == [
@@ -248,7 +248,9 @@ def test_doctor_prints_checks_and_exits_1_when_the_backend_cannot_work(
         "detail": "nft not found",
         "hint": "apt-get install nftables",
     }
-    monkeypatch.setattr("natports.doctor.run_all", lambda root: ([], "nftables", "nft works", True))
+    monkeypatch.setattr(
+        "natports.doctor.run_all", lambda root, prefix: ([], "nftables", "nft works", True)
+    )
     assert run("doctor").exit_code == 0
 
 

@@ -68,17 +68,27 @@ def test_no_mappings_no_routes() -> None:
     assert build_routes("mail", [], {}) == ()
 
 
-def test_one_route_per_public_port_of_a_range() -> None:
+def test_a_range_is_one_route() -> None:
     c = container("c1", published={(2000, UDP), (2001, UDP), (2002, UDP)})
     routes = build_routes("mail", [Mapping(1000, 2000, UDP, count=3)], {"web": [c]})
-    assert [(r.key, r.private_port) for r in routes] == [
-        (RouteKey(4, UDP, 1000), 2000),
-        (RouteKey(4, UDP, 1001), 2001),
-        (RouteKey(4, UDP, 1002), 2002),
+    assert [(r.key, r.private_port, r.private_end) for r in routes] == [
+        (RouteKey(4, UDP, 1000, None, 3), 2000, 2002)
     ]
-    assert [r.backends for r in routes] == [
-        (Backend("c1", IPv4Address("172.17.0.2"), p),) for p in (2000, 2001, 2002)
+    assert routes[0].backends == (Backend("c1", IPv4Address("172.17.0.2"), 2000),)
+    # Backends that serve port by port (iptables, proxy) expand it again.
+    assert [(r.key, r.private_port, r.backends[0].port) for r in routes[0].expanded()] == [
+        (RouteKey(4, UDP, 1000), 2000, 2000),
+        (RouteKey(4, UDP, 1001), 2001, 2001),
+        (RouteKey(4, UDP, 1002), 2002, 2002),
     ]
+
+
+def test_a_range_route_survives_its_json_and_claims_the_whole_range() -> None:
+    c = container("c1", published={(2000, UDP), (2001, UDP), (2002, UDP)})
+    (route,) = build_routes("mail", [Mapping(1000, 2000, UDP, count=3)], {"web": [c]})
+    assert route.to_json()["count"] == 3
+    assert Route.from_json(route.to_json()) == route
+    assert route.claim() == Mapping(1000, 2000, UDP, count=3)
 
 
 def test_backends_are_sorted() -> None:

@@ -680,6 +680,8 @@ def test_status_follows_the_documented_schema(world: World) -> None:
         "public_ip": None,
         "public_port": 25,
         "private_port": 5025,
+        "public_port_end": 25,
+        "private_port_end": 5025,
         "backends": [{"container_id": cid("m1"), "ip": "172.17.0.2", "port": 5025}],
         "backend": "nftables",
         "packets": 12,

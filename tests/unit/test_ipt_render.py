@@ -126,6 +126,7 @@ def mail_25_rules(counters: str = "") -> str:
     return f"""\
 -A {MAIL} -p tcp -m tcp --dport 25 -m comment --comment "mail 25/tcp" -j {MAIL_25}
 -A {MAIL_25} -s 172.17.0.0/16 -m comment --comment "mail 25/tcp" -j MARK --or-mark 0x00100000
+-A {MAIL_25} -m comment --comment "mail 25/tcp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_25} -p tcp -m comment --comment "mail 25/tcp" {counters}-j DNAT --to-destination 172.17.0.2:5025
 """
 
@@ -201,6 +202,7 @@ def test_three_backends_spread_with_statistic_one_third_then_one_half_then_the_r
         + SKELETON_RULES
         + f"""-A {MAIL} -p tcp -m tcp --dport 25 -m comment --comment "mail 25/tcp" -j {MAIL_25}
 -A {MAIL_25} -s 172.17.0.0/16 -m comment --comment "mail 25/tcp" -j MARK --or-mark 0x00100000
+-A {MAIL_25} -m comment --comment "mail 25/tcp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_25} -p tcp -m statistic --mode random --probability 0.3333333333 -m comment --comment "mail 25/tcp" -j DNAT --to-destination 172.17.0.2:5025
 -A {MAIL_25} -p tcp -m statistic --mode random --probability 0.5000000000 -m comment --comment "mail 25/tcp" -j DNAT --to-destination 172.17.0.3:5025
 -A {MAIL_25} -p tcp -m comment --comment "mail 25/tcp" -c 3 180 -j DNAT --to-destination 172.17.0.4:5025
@@ -222,6 +224,7 @@ def test_a_public_ip_matches_its_destination_and_several_subnets_mark_each() -> 
 -A {MAIL} -d 203.0.113.7/32 -p udp -m udp --dport 53 -m comment --comment "mail 203.0.113.7:53/udp" -j {MAIL_53}
 -A {MAIL_53} -s 172.17.0.0/16 -m comment --comment "mail 203.0.113.7:53/udp" -j MARK --or-mark 0x00100000
 -A {MAIL_53} -s 10.0.1.0/24 -m comment --comment "mail 203.0.113.7:53/udp" -j MARK --or-mark 0x00100000
+-A {MAIL_53} -m comment --comment "mail 203.0.113.7:53/udp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_53} -p udp -m comment --comment "mail 203.0.113.7:53/udp" -j DNAT --to-destination 172.17.0.2:5053
 """
         + HOOKS
@@ -232,7 +235,7 @@ def test_a_public_ip_matches_its_destination_and_several_subnets_mark_each() -> 
 def test_a_route_without_hairpin_subnets_has_no_mark_rule() -> None:
     r = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", subnets=())
     batch = render_app(LAYOUT, EMPTY, [], [r])
-    assert "MARK --or-mark" not in batch
+    assert "-j MARK --or-mark" not in batch
     assert f"-A {MAIL_25} -p tcp -m comment" in batch
 
 
@@ -263,6 +266,7 @@ def test_a_route_chain_the_state_forgot_is_found_through_the_app_chain() -> None
 """
         + SKELETON_RULES
         + f"""-A {MAIL} -p tcp -m tcp --dport 26 -m comment --comment "mail 26/tcp" -j {MAIL_26}
+-A {MAIL_26} -m comment --comment "mail 26/tcp" -j CONNMARK --or-mark 0x00100000
 -A {MAIL_26} -p tcp -m comment --comment "mail 26/tcp" -j DNAT --to-destination 172.17.0.2:5026
 -X {MAIL_25}
 COMMIT
@@ -326,12 +330,34 @@ COMMIT
     )
 
 
-def test_ipv6_routes_and_routes_without_backends_are_refused() -> None:
+def test_ipv6_routes_are_refused() -> None:
     six = route("mail", RouteKey(6, TCP, 25), 5025, "fd00::2", subnets=())
     with pytest.raises(ValueError, match="IPv4 only"):
         render_app(LAYOUT, EMPTY, [], [six])
-    with pytest.raises(ValueError, match="at least one backend"):
-        render_app(LAYOUT, EMPTY, [], [route("mail", RouteKey(4, TCP, 25), 5025)])
+
+
+def test_a_route_without_backends_gets_an_empty_chain() -> None:
+    """Nothing to DNAT to: the flow falls through, the renderer does not fail."""
+    empty = route("mail", RouteKey(4, TCP, 25), 5025, subnets=())
+    batch = render_app(LAYOUT, EMPTY, [], [empty])
+    assert "DNAT" not in batch and f":{LAYOUT.route_chain(empty)} - [0:0]" in batch
+
+
+def test_a_range_is_one_rule_and_one_chain() -> None:
+    same = route("rtp", RouteKey(4, UDP, 10000, None, 10000), 10000, "172.17.0.2", subnets=())
+    shifted = route("ftp", RouteKey(4, TCP, 1000, None, 11), 2000, "172.17.0.3", subnets=())
+    batch = render_app(LAYOUT, EMPTY, [], [same])
+    assert (
+        f"-A {LAYOUT.app_chain('rtp')} -p udp -m udp --dport 10000:19999 "
+        f'-m comment --comment "rtp 10000-19999/udp" -j {LAYOUT.route_chain(same)}'
+    ) in batch
+    assert "-j DNAT --to-destination 172.17.0.2\n" in batch
+    assert batch.count("DNAT") == 1
+    batch = render_app(LAYOUT, EMPTY, [], [shifted])
+    assert "-j DNAT --to-destination 172.17.0.3:2000-2010/1000\n" in batch
+    assert LAYOUT.route_chain(same) != LAYOUT.route_chain(
+        route("rtp", RouteKey(4, UDP, 10000), 10000, "172.17.0.2")
+    )
 
 
 def test_routes_of_two_apps_are_not_one_switch() -> None:
@@ -369,6 +395,7 @@ def test_reconcile_rebuilds_every_chain_and_removes_drift() -> None:
 """
         + mail_25_rules(counters="-c 3 180 ")
         + f"""-A {new_app} -p tcp -m tcp --dport 26 -m comment --comment "new 26/tcp" -j {new_26}
+-A {new_26} -m comment --comment "new 26/tcp" -j CONNMARK --or-mark 0x00100000
 -A {new_26} -p tcp -m comment --comment "new 26/tcp" -j DNAT --to-destination 172.17.0.5:5026
 -X {GONE}
 -X {CHAT}

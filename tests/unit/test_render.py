@@ -11,14 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natports.backends.nft_render import (
-    LiveElement,
     LiveTable,
     chain_name,
     render_app,
     render_flush_all,
     render_reconcile,
+    route_id,
 )
-from natports.model import APP_NAME_RE, Protocol, Route, RouteKey
+from natports.model import Protocol, Route, RouteKey
 from tests.unit.routes import route
 
 TCP = Protocol.TCP
@@ -26,16 +26,46 @@ UDP = Protocol.UDP
 
 SKELETON = """\
 add table inet natports
-add map inet natports any4 { type inet_proto . inet_service : verdict ; }
-add map inet natports any6 { type inet_proto . inet_service : verdict ; }
-add map inet natports addr4 { type ipv4_addr . inet_proto . inet_service : verdict ; }
-add map inet natports addr6 { type ipv6_addr . inet_proto . inet_service : verdict ; }
+add map inet natports dnat_any4 { type inet_proto . inet_service : ipv4_addr . inet_service ; }
+add map inet natports goto_any4 { type inet_proto . inet_service : verdict ; }
+add map inet natports range_any4 { type inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_any4 { type inet_proto . inet_service ; counter ; }
+add map inet natports dnat_addr4 { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service ; }
+add map inet natports goto_addr4 { type ipv4_addr . inet_proto . inet_service : verdict ; }
+add map inet natports range_addr4 { type ipv4_addr . inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_addr4 { type ipv4_addr . inet_proto . inet_service ; counter ; }
+add set inet natports hairpin4 { type ipv4_addr ; flags interval ; }
+add map inet natports dnat_any6 { type inet_proto . inet_service : ipv6_addr . inet_service ; }
+add map inet natports goto_any6 { type inet_proto . inet_service : verdict ; }
+add map inet natports range_any6 { type inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_any6 { type inet_proto . inet_service ; counter ; }
+add map inet natports dnat_addr6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service ; }
+add map inet natports goto_addr6 { type ipv6_addr . inet_proto . inet_service : verdict ; }
+add map inet natports range_addr6 { type ipv6_addr . inet_proto . inet_service : verdict ; flags interval ; counter ; }
+add set inet natports count_addr6 { type ipv6_addr . inet_proto . inet_service ; counter ; }
+add set inet natports hairpin6 { type ipv6_addr ; flags interval ; }
 add chain inet natports dispatch
 flush chain inet natports dispatch
-add rule inet natports dispatch ip daddr . meta l4proto . th dport vmap @addr4
-add rule inet natports dispatch ip6 daddr . meta l4proto . th dport vmap @addr6
-add rule inet natports dispatch meta nfproto ipv4 meta l4proto . th dport vmap @any4
-add rule inet natports dispatch meta nfproto ipv6 meta l4proto . th dport vmap @any6
+add rule inet natports dispatch ip saddr != @hairpin4 ip daddr . meta l4proto . th dport @count_addr4 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip saddr @hairpin4 ip daddr . meta l4proto . th dport @count_addr4 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip saddr != @hairpin4 meta nfproto ipv4 meta l4proto . th dport @count_any4 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip saddr @hairpin4 meta nfproto ipv4 meta l4proto . th dport @count_any4 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip daddr . meta l4proto . th dport vmap @goto_addr4
+add rule inet natports dispatch meta nfproto ipv4 meta l4proto { tcp, udp } dnat ip to ip daddr . meta l4proto . th dport map @dnat_addr4
+add rule inet natports dispatch ip daddr . meta l4proto . th dport vmap @range_addr4
+add rule inet natports dispatch meta nfproto ipv4 meta l4proto . th dport vmap @goto_any4
+add rule inet natports dispatch meta nfproto ipv4 meta l4proto { tcp, udp } dnat ip to meta l4proto . th dport map @dnat_any4
+add rule inet natports dispatch meta nfproto ipv4 meta l4proto . th dport vmap @range_any4
+add rule inet natports dispatch ip6 saddr != @hairpin6 ip6 daddr . meta l4proto . th dport @count_addr6 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 saddr @hairpin6 ip6 daddr . meta l4proto . th dport @count_addr6 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 saddr != @hairpin6 meta nfproto ipv6 meta l4proto . th dport @count_any6 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 saddr @hairpin6 meta nfproto ipv6 meta l4proto . th dport @count_any6 meta mark set meta mark | 0x00100000 ct mark set ct mark | 0x00100000
+add rule inet natports dispatch ip6 daddr . meta l4proto . th dport vmap @goto_addr6
+add rule inet natports dispatch meta nfproto ipv6 meta l4proto { tcp, udp } dnat ip6 to ip6 daddr . meta l4proto . th dport map @dnat_addr6
+add rule inet natports dispatch ip6 daddr . meta l4proto . th dport vmap @range_addr6
+add rule inet natports dispatch meta nfproto ipv6 meta l4proto . th dport vmap @goto_any6
+add rule inet natports dispatch meta nfproto ipv6 meta l4proto { tcp, udp } dnat ip6 to meta l4proto . th dport map @dnat_any6
+add rule inet natports dispatch meta nfproto ipv6 meta l4proto . th dport vmap @range_any6
 add chain inet natports prerouting { type nat hook prerouting priority -110 ; policy accept ; }
 flush chain inet natports prerouting
 add chain inet natports output { type nat hook output priority -110 ; policy accept ; }
@@ -49,20 +79,17 @@ add rule inet natports postrouting meta mark & 0x00100000 == 0x00100000 meta mar
 """
 
 MAIL_25 = """\
-add counter inet natports a_mail_tcp_25
-add chain inet natports a_mail_tcp_25
-flush chain inet natports a_mail_tcp_25
-add rule inet natports a_mail_tcp_25 ip saddr { 172.17.0.0/16 } meta mark set meta mark | 0x00100000
-add rule inet natports a_mail_tcp_25 meta l4proto tcp counter name a_mail_tcp_25 dnat ip to 172.17.0.2 : 5025
-add element inet natports any4 { tcp . 25 : goto a_mail_tcp_25 }
+add element inet natports hairpin4 { 172.17.0.0/16 }
+add element inet natports count_any4 { tcp . 25 }
+add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
 """
 
 
-def mail_25() -> Route:
-    return route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2")
+def mail_25(ip: str = "172.17.0.2") -> Route:
+    return route("mail", RouteKey(4, TCP, 25), 5025, ip)
 
 
-def test_one_route_one_backend() -> None:
+def test_one_route_one_backend_is_an_element_and_no_chain() -> None:
     assert render_app([], [mail_25()]) == SKELETON + MAIL_25
 
 
@@ -70,301 +97,246 @@ def test_the_same_switch_twice_renders_the_same_batch() -> None:
     assert render_app([mail_25()], [mail_25()]) == SKELETON + MAIL_25
 
 
-def test_a_route_without_hairpin_subnets_has_no_mark_rule() -> None:
+def test_a_switch_replaces_only_the_dnat_element() -> None:
+    """The counter element stays: the route's totals survive the switch."""
+    assert render_app([mail_25()], [mail_25("172.17.0.9")]) == SKELETON + (
+        """\
+add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
+delete element inet natports dnat_any4 { tcp . 25 }
+add element inet natports hairpin4 { 172.17.0.0/16 }
+add element inet natports count_any4 { tcp . 25 }
+add element inet natports dnat_any4 { tcp . 25 : 172.17.0.9 . 5025 }
+"""
+    )
+
+
+def test_a_route_without_hairpin_subnets_adds_none() -> None:
     r = route("mail", RouteKey(4, UDP, 53), 5053, "172.17.0.2", subnets=())
     assert render_app([], [r]) == SKELETON + (
         """\
-add counter inet natports a_mail_udp_53
-add chain inet natports a_mail_udp_53
-flush chain inet natports a_mail_udp_53
-add rule inet natports a_mail_udp_53 meta l4proto udp counter name a_mail_udp_53 dnat ip to 172.17.0.2 : 5053
-add element inet natports any4 { udp . 53 : goto a_mail_udp_53 }
+add element inet natports count_any4 { udp . 53 }
+add element inet natports dnat_any4 { udp . 53 : 172.17.0.2 . 5053 }
 """
     )
 
 
-def test_three_backends_use_a_numgen_map() -> None:
+def test_three_backends_use_a_chain_with_a_numgen_map() -> None:
     r = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", "172.17.0.3", "172.17.0.4")
+    name = chain_name("mail", r.key)
     assert render_app([], [r]) == SKELETON + (
-        """\
-add counter inet natports a_mail_tcp_25
-add chain inet natports a_mail_tcp_25
-flush chain inet natports a_mail_tcp_25
-add rule inet natports a_mail_tcp_25 ip saddr { 172.17.0.0/16 } meta mark set meta mark | 0x00100000
-add rule inet natports a_mail_tcp_25 meta l4proto tcp counter name a_mail_tcp_25 dnat ip to numgen random mod 3 map { 0 : 172.17.0.2, 1 : 172.17.0.3, 2 : 172.17.0.4 } : 5025
-add element inet natports any4 { tcp . 25 : goto a_mail_tcp_25 }
+        f"""\
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
+add element inet natports count_any4 {{ tcp . 25 }}
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 3 map {{ 0 : 172.17.0.2, 1 : 172.17.0.3, 2 : 172.17.0.4 }} : 5025
+add element inet natports goto_any4 {{ tcp . 25 : goto {name} }}
 """
     )
 
 
-def test_a_public_ipv4_address_uses_the_addr4_map() -> None:
-    key = RouteKey(4, TCP, 25, ip_address("203.0.113.7"))
-    r = route("mail", key, 5025, "172.17.0.2", subnets=("172.17.0.0/16", "10.0.1.0/24"))
+def test_one_backend_to_two_moves_the_route_into_a_chain_and_back() -> None:
+    two = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", "172.17.0.3", subnets=())
+    one = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", subnets=())
+    name = chain_name("mail", two.key)
+    assert render_app([one], [two]) == SKELETON + (
+        f"""\
+add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
+delete element inet natports dnat_any4 {{ tcp . 25 }}
+add element inet natports count_any4 {{ tcp . 25 }}
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 2 map {{ 0 : 172.17.0.2, 1 : 172.17.0.3 }} : 5025
+add element inet natports goto_any4 {{ tcp . 25 : goto {name} }}
+"""
+    )
+    assert render_app([two], [one]) == SKELETON + (
+        f"""\
+add chain inet natports {name}
+add element inet natports goto_any4 {{ tcp . 25 : goto {name} }}
+delete element inet natports goto_any4 {{ tcp . 25 }}
+flush chain inet natports {name}
+delete chain inet natports {name}
+add element inet natports count_any4 {{ tcp . 25 }}
+add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
+"""
+    )
+
+
+def test_a_range_is_one_element_and_one_chain() -> None:
+    r = route("rtp", RouteKey(4, UDP, 10000, None, 10000), 10000, "172.17.0.2")
+    name = chain_name("rtp", r.key)
+    expected = f"""\
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} ip saddr @hairpin4 meta mark set meta mark | 0x00100000
+add rule inet natports {name} meta l4proto udp ct mark set ct mark | 0x00100000 dnat ip to 172.17.0.2
+add element inet natports range_any4 {{ udp . 10000-19999 : goto {name} }}
+"""
+    assert render_app([], [r]) == SKELETON + expected
+    # a switch of it refills its chain; the element (and its counter) stays
+    moved = route("rtp", RouteKey(4, UDP, 10000, None, 10000), 10000, "172.17.0.9")
+    assert render_app([r], [moved]) == SKELETON + expected.replace("172.17.0.2", "172.17.0.9")
+
+
+def test_a_range_with_an_offset_maps_each_port() -> None:
+    r = route("ftp", RouteKey(6, TCP, 1000, None, 3), 2000, "fd00::2", "fd00::3", subnets=())
+    name = chain_name("ftp", r.key)
+    assert render_app([], [r]) == SKELETON + (
+        f"""\
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} ip6 saddr @hairpin6 meta mark set meta mark | 0x00100000
+add rule inet natports {name} meta l4proto tcp ct mark set ct mark | 0x00100000 dnat ip6 to numgen random mod 2 map {{ 0 : fd00::2, 1 : fd00::3 }} : th dport map {{ 1000 : 2000, 1001 : 2001, 1002 : 2002 }}
+add element inet natports range_any6 {{ tcp . 1000-1002 : goto {name} }}
+"""
+    )
+
+
+def test_a_public_ipv4_address_uses_the_addr_maps() -> None:
+    r = route("mail", RouteKey(4, TCP, 25, ip_address("203.0.113.7")), 5025, "172.17.0.2")
     assert render_app([], [r]) == SKELETON + (
         """\
-add counter inet natports a_mail_tcp_203.0.113.7_25
-add chain inet natports a_mail_tcp_203.0.113.7_25
-flush chain inet natports a_mail_tcp_203.0.113.7_25
-add rule inet natports a_mail_tcp_203.0.113.7_25 ip saddr { 172.17.0.0/16, 10.0.1.0/24 } meta mark set meta mark | 0x00100000
-add rule inet natports a_mail_tcp_203.0.113.7_25 meta l4proto tcp counter name a_mail_tcp_203.0.113.7_25 dnat ip to 172.17.0.2 : 5025
-add element inet natports addr4 { 203.0.113.7 . tcp . 25 : goto a_mail_tcp_203.0.113.7_25 }
+add element inet natports hairpin4 { 172.17.0.0/16 }
+add element inet natports count_addr4 { 203.0.113.7 . tcp . 25 }
+add element inet natports dnat_addr4 { 203.0.113.7 . tcp . 25 : 172.17.0.2 . 5025 }
 """
     )
 
 
 def test_an_ipv6_route() -> None:
-    r = route(
-        "mail", RouteKey(6, TCP, 25), 5025, "fd00:dead:beef::2", subnets=("fd00:dead:beef::/64",)
-    )
+    r = route("mail", RouteKey(6, TCP, 25), 5025, "fd00::2", subnets=("fd00::/64",))
     assert render_app([], [r]) == SKELETON + (
         """\
-add counter inet natports a6_mail_tcp_25
-add chain inet natports a6_mail_tcp_25
-flush chain inet natports a6_mail_tcp_25
-add rule inet natports a6_mail_tcp_25 ip6 saddr { fd00:dead:beef::/64 } meta mark set meta mark | 0x00100000
-add rule inet natports a6_mail_tcp_25 meta l4proto tcp counter name a6_mail_tcp_25 dnat ip6 to [fd00:dead:beef::2] : 5025
-add element inet natports any6 { tcp . 25 : goto a6_mail_tcp_25 }
+add element inet natports hairpin6 { fd00::/64 }
+add element inet natports count_any6 { tcp . 25 }
+add element inet natports dnat_any6 { tcp . 25 : fd00::2 . 5025 }
 """
     )
 
 
 def test_an_ipv6_route_on_one_address_with_two_backends() -> None:
-    key = RouteKey(6, UDP, 53, ip_address("2001:db8::7"))
-    r = route("dns", key, 5053, "fd00::2", "fd00::3", subnets=("fd00::/64",))
+    key = RouteKey(6, TCP, 25, ip_address("2001:db8::7"))
+    r = route("mail", key, 5025, "fd00::2", "fd00::3", subnets=())
+    name = chain_name("mail", key)
     assert render_app([], [r]) == SKELETON + (
-        """\
-add counter inet natports a6_dns_udp_2001-db8--7_53
-add chain inet natports a6_dns_udp_2001-db8--7_53
-flush chain inet natports a6_dns_udp_2001-db8--7_53
-add rule inet natports a6_dns_udp_2001-db8--7_53 ip6 saddr { fd00::/64 } meta mark set meta mark | 0x00100000
-add rule inet natports a6_dns_udp_2001-db8--7_53 meta l4proto udp counter name a6_dns_udp_2001-db8--7_53 dnat ip6 to numgen random mod 2 map { 0 : [fd00::2], 1 : [fd00::3] } : 5053
-add element inet natports addr6 { 2001:db8::7 . udp . 53 : goto a6_dns_udp_2001-db8--7_53 }
+        f"""\
+add element inet natports count_addr6 {{ 2001:db8::7 . tcp . 25 }}
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} meta l4proto tcp dnat ip6 to numgen random mod 2 map {{ 0 : [fd00::2], 1 : [fd00::3] }} : 5025
+add element inet natports goto_addr6 {{ 2001:db8::7 . tcp . 25 : goto {name} }}
 """
     )
 
 
-def test_routes_are_rendered_in_key_order() -> None:
-    r4_26 = route("mail", RouteKey(4, TCP, 26), 5026, "172.17.0.2", subnets=())
-    r6_25 = route("mail", RouteKey(6, TCP, 25), 5025, "fd00::2", subnets=())
-    r4_25 = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2", subnets=())
-    assert render_app([], [r6_25, r4_26, r4_25]) == SKELETON + (
+def test_a_route_the_app_no_longer_has_is_removed_element_by_element() -> None:
+    gone = route("mail", RouteKey(4, TCP, 26), 5026, "172.17.0.2")
+    assert render_app([mail_25(), gone], [mail_25()]) == SKELETON + (
         """\
-add counter inet natports a_mail_tcp_25
-add chain inet natports a_mail_tcp_25
-flush chain inet natports a_mail_tcp_25
-add rule inet natports a_mail_tcp_25 meta l4proto tcp counter name a_mail_tcp_25 dnat ip to 172.17.0.2 : 5025
-add element inet natports any4 { tcp . 25 : goto a_mail_tcp_25 }
-add counter inet natports a_mail_tcp_26
-add chain inet natports a_mail_tcp_26
-flush chain inet natports a_mail_tcp_26
-add rule inet natports a_mail_tcp_26 meta l4proto tcp counter name a_mail_tcp_26 dnat ip to 172.17.0.2 : 5026
-add element inet natports any4 { tcp . 26 : goto a_mail_tcp_26 }
-add counter inet natports a6_mail_tcp_25
-add chain inet natports a6_mail_tcp_25
-flush chain inet natports a6_mail_tcp_25
-add rule inet natports a6_mail_tcp_25 meta l4proto tcp counter name a6_mail_tcp_25 dnat ip6 to [fd00::2] : 5025
-add element inet natports any6 { tcp . 25 : goto a6_mail_tcp_25 }
-"""
-    )
-
-
-def test_a_route_the_app_no_longer_has_is_removed() -> None:
-    old_26 = route("mail", RouteKey(4, TCP, 26), 5026, "172.17.0.2")
-    old_addr = route("mail", RouteKey(4, UDP, 53, ip_address("203.0.113.7")), 5053, "172.17.0.2")
-    assert render_app([mail_25(), old_26, old_addr], [mail_25()]) == SKELETON + (
-        """\
-add chain inet natports a_mail_udp_203.0.113.7_53
-add element inet natports addr4 { 203.0.113.7 . udp . 53 : goto a_mail_udp_203.0.113.7_53 }
-delete element inet natports addr4 { 203.0.113.7 . udp . 53 }
-add chain inet natports a_mail_tcp_26
-add element inet natports any4 { tcp . 26 : goto a_mail_tcp_26 }
-delete element inet natports any4 { tcp . 26 }
-add chain inet natports a_mail_tcp_26
-flush chain inet natports a_mail_tcp_26
-delete chain inet natports a_mail_tcp_26
-add chain inet natports a_mail_udp_203.0.113.7_53
-flush chain inet natports a_mail_udp_203.0.113.7_53
-delete chain inet natports a_mail_udp_203.0.113.7_53
-add counter inet natports a_mail_tcp_26
-delete counter inet natports a_mail_tcp_26
-add counter inet natports a_mail_udp_203.0.113.7_53
-delete counter inet natports a_mail_udp_203.0.113.7_53
+add element inet natports count_any4 { tcp . 26 }
+delete element inet natports count_any4 { tcp . 26 }
+add element inet natports dnat_any4 { tcp . 26 : 172.17.0.2 . 5026 }
+delete element inet natports dnat_any4 { tcp . 26 }
 """
         + MAIL_25
     )
 
 
-def test_removing_every_route_of_an_app() -> None:
-    assert render_app([mail_25()], []) == SKELETON + (
-        """\
-add chain inet natports a_mail_tcp_25
-add element inet natports any4 { tcp . 25 : goto a_mail_tcp_25 }
-delete element inet natports any4 { tcp . 25 }
-add chain inet natports a_mail_tcp_25
-flush chain inet natports a_mail_tcp_25
-delete chain inet natports a_mail_tcp_25
-add counter inet natports a_mail_tcp_25
-delete counter inet natports a_mail_tcp_25
+def test_a_route_with_no_backend_is_counted_but_never_dnated() -> None:
+    r = route("mail", RouteKey(4, TCP, 25), 5025, subnets=())
+    assert render_app([], [r]) == SKELETON + "add element inet natports count_any4 { tcp . 25 }\n"
+    ranged = route("mail", RouteKey(4, TCP, 25, None, 5), 5025, subnets=())
+    assert render_app([], [ranged]) == SKELETON
+    assert render_reconcile(None, [r, ranged]).endswith("count_any4 { tcp . 25 }\n")
+
+
+def test_a_switch_names_no_other_app() -> None:
+    """Its size does not depend on the table: only the app's own keys appear."""
+    batch = render_app([mail_25()], [mail_25("172.17.0.9")])
+    assert len(batch.splitlines()) == len(SKELETON.splitlines()) + 5
+
+
+def test_reconcile_rebuilds_the_table_in_one_batch_and_carries_counters() -> None:
+    two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6", subnets=())
+    rng = route("rtp", RouteKey(4, UDP, 30000, None, 100), 30000, "172.17.0.7", subnets=())
+    live = LiveTable({route_id(mail_25().key): (7, 420), route_id(rng.key): (3, 99)})
+    name = chain_name("chat", two.key)
+    rname = chain_name("rtp", rng.key)
+    assert render_reconcile(live, [two, rng, mail_25()]) == (
+        "add table inet natports\ndelete table inet natports\n"
+        + SKELETON
+        + f"""\
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 2 map {{ 0 : 172.17.0.5, 1 : 172.17.0.6 }} : 6000
+add chain inet natports {rname}
+flush chain inet natports {rname}
+add rule inet natports {rname} ip saddr @hairpin4 meta mark set meta mark | 0x00100000
+add rule inet natports {rname} meta l4proto udp ct mark set ct mark | 0x00100000 dnat ip to 172.17.0.7
+add element inet natports count_any4 {{ tcp . 25 counter packets 7 bytes 420, tcp . 26 }}
+add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
+add element inet natports goto_any4 {{ tcp . 26 : goto {name} }}
+add element inet natports range_any4 {{ udp . 30000-30099 counter packets 3 bytes 99 : goto {rname} }}
 """
-    )
-
-
-def test_new_backends_for_a_kept_route_only_refill_it() -> None:
-    new = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.9")
-    assert render_app([mail_25()], [new]) == SKELETON + MAIL_25.replace(
-        "172.17.0.2 :", "172.17.0.9 :"
     )
 
 
 def test_reconcile_without_a_table() -> None:
-    assert render_reconcile(None, [mail_25()]) == SKELETON + MAIL_25
-    assert render_reconcile(None, []) == SKELETON
-
-
-def test_reconcile_removes_what_no_app_has_and_keeps_the_skeleton() -> None:
-    live = LiveTable(
-        chains=frozenset(
-            {
-                "dispatch",
-                "prerouting",
-                "output",
-                "postrouting",
-                "a_mail_tcp_25",
-                "a_old_tcp_80",
-                "a6_old_tcp_80",
-                "a_old_udp_203.0.113.7_53",
-            }
-        ),
-        elements=frozenset(
-            {
-                LiveElement("any4", "tcp . 25", "a_mail_tcp_25"),
-                LiveElement("any4", "tcp . 80", "a_old_tcp_80"),
-                LiveElement("any6", "tcp . 80", "a6_old_tcp_80"),
-                LiveElement("addr4", "203.0.113.7 . udp . 53", "a_old_udp_203.0.113.7_53"),
-            }
-        ),
-        counters=frozenset({"a_mail_tcp_25", "a_old_tcp_80", "a6_old_tcp_80", "a_gone_tcp_81"}),
+    assert render_reconcile(None, [mail_25()]) == (
+        "add table inet natports\ndelete table inet natports\n" + SKELETON + MAIL_25
     )
-    assert render_reconcile(live, [mail_25()]) == SKELETON + (
-        """\
-add chain inet natports a_old_udp_203.0.113.7_53
-add element inet natports addr4 { 203.0.113.7 . udp . 53 : goto a_old_udp_203.0.113.7_53 }
-delete element inet natports addr4 { 203.0.113.7 . udp . 53 }
-add chain inet natports a_old_tcp_80
-add element inet natports any4 { tcp . 80 : goto a_old_tcp_80 }
-delete element inet natports any4 { tcp . 80 }
-add chain inet natports a6_old_tcp_80
-add element inet natports any6 { tcp . 80 : goto a6_old_tcp_80 }
-delete element inet natports any6 { tcp . 80 }
-add chain inet natports a6_old_tcp_80
-flush chain inet natports a6_old_tcp_80
-delete chain inet natports a6_old_tcp_80
-add chain inet natports a_old_tcp_80
-flush chain inet natports a_old_tcp_80
-delete chain inet natports a_old_tcp_80
-add chain inet natports a_old_udp_203.0.113.7_53
-flush chain inet natports a_old_udp_203.0.113.7_53
-delete chain inet natports a_old_udp_203.0.113.7_53
-add counter inet natports a6_old_tcp_80
-delete counter inet natports a6_old_tcp_80
-add counter inet natports a_gone_tcp_81
-delete counter inet natports a_gone_tcp_81
-add counter inet natports a_old_tcp_80
-delete counter inet natports a_old_tcp_80
-"""
-        + MAIL_25
-    )
-
-
-def test_reconcile_repoints_an_element_that_drifted() -> None:
-    live = LiveTable(
-        chains=frozenset({"a_mail_tcp_25", "a_other_tcp_25"}),
-        elements=frozenset({LiveElement("any4", "tcp . 25", "a_other_tcp_25")}),
-        counters=frozenset({"a_mail_tcp_25"}),
-    )
-    assert render_reconcile(live, [mail_25()]) == SKELETON + (
-        """\
-add chain inet natports a_other_tcp_25
-add element inet natports any4 { tcp . 25 : goto a_other_tcp_25 }
-delete element inet natports any4 { tcp . 25 }
-add chain inet natports a_other_tcp_25
-flush chain inet natports a_other_tcp_25
-delete chain inet natports a_other_tcp_25
-"""
-        + MAIL_25
-    )
-
-
-def test_reconcile_of_an_already_exact_table_only_refills() -> None:
-    live = LiveTable(
-        chains=frozenset({"dispatch", "prerouting", "output", "postrouting", "a_mail_tcp_25"}),
-        elements=frozenset({LiveElement("any4", "tcp . 25", "a_mail_tcp_25")}),
-        counters=frozenset({"a_mail_tcp_25"}),
-    )
-    assert render_reconcile(live, [mail_25()]) == SKELETON + MAIL_25
 
 
 def test_flush_all() -> None:
     assert render_flush_all() == "add table inet natports\ndelete table inet natports\n"
-    assert render_flush_all("inet natports_test") == (
-        "add table inet natports_test\ndelete table inet natports_test\n"
-    )
 
 
 def test_another_table_name_is_used_everywhere() -> None:
-    batch = render_app(
-        [route("mail", RouteKey(4, TCP, 26), 5026, "172.17.0.2")], [mail_25()], "inet t2"
+    batch = render_app([], [mail_25()], table="inet natports_test")
+    for line in batch.splitlines():
+        assert line.split()[2:4] == ["inet", "natports_test"], line
+
+
+def test_route_ids() -> None:
+    assert route_id(RouteKey(4, TCP, 25)) == "count_any4:tcp . 25"
+    assert route_id(RouteKey(6, UDP, 10000, None, 100)) == "range_any6:udp . 10000-10099"
+    assert (
+        route_id(RouteKey(4, TCP, 25, ip_address("203.0.113.7")))
+        == "count_addr4:203.0.113.7 . tcp . 25"
     )
-    expected = render_app(
-        [route("mail", RouteKey(4, TCP, 26), 5026, "172.17.0.2")], [mail_25()]
-    ).replace("inet natports", "inet t2")
-    assert batch == expected
-    assert "natports" not in batch
-    reconcile = render_reconcile(
-        LiveTable(frozenset({"a_x_tcp_1"}), frozenset(), frozenset({"a_x_tcp_1"})), [], "inet t2"
-    )
-    assert "natports" not in reconcile
-    assert "delete chain inet t2 a_x_tcp_1\n" in reconcile
 
 
 # -- chain names ------------------------------------------------------------------------------
 
 
-def test_chain_names() -> None:
-    assert chain_name("mail", RouteKey(4, TCP, 25)) == "a_mail_tcp_25"
-    assert chain_name("mail", RouteKey(4, UDP, 25)) == "a_mail_udp_25"
-    assert chain_name("mail", RouteKey(6, TCP, 25)) == "a6_mail_tcp_25"
-    assert (
-        chain_name("mail", RouteKey(4, TCP, 25, ip_address("203.0.113.7")))
-        == "a_mail_tcp_203.0.113.7_25"
-    )
-    assert (
-        chain_name("mail", RouteKey(6, TCP, 25, ip_address("2001:db8::7")))
-        == "a6_mail_tcp_2001-db8--7_25"
-    )
+def test_chain_names_are_app_and_digest() -> None:
+    name = chain_name("mail", RouteKey(4, TCP, 25))
+    assert name.startswith("r_mail_") and len(name) == len("r_mail_") + 12
+    longest = chain_name("a" * 200, RouteKey(6, TCP, 25, ip_address("2001:db8::7")))
+    assert len(longest) <= 256  # nft's limit for chain names
 
 
 def test_chain_names_of_different_keys_differ() -> None:
     keys = [
-        RouteKey(family, proto, port, ip)
+        RouteKey(family, proto, port, ip, count)
         for proto in Protocol
         for port in (1, 25, 251, 2525, 65535)
+        for count in (1, 10)
         for family, ip in [
             (4, None),
             (6, None),
             (4, ip_address("203.0.113.7")),
-            (4, ip_address("203.0.113.72")),
-            (4, ip_address("3.0.113.7")),
             (6, ip_address("2001:db8::7")),
-            (6, ip_address("2001:db8::72")),
-            (6, ip_address("2001:db8:0:0:1::7")),
         ]
     ]
-    names = [chain_name(app, key) for app in ("mail", "mail-2", "a6", "a") for key in keys]
+    names = [chain_name(app, key) for app in ("mail", "mail-2", "a_b", "a") for key in keys]
     assert len(set(names)) == len(names)
 
 
-app_names = st.from_regex(APP_NAME_RE, fullmatch=True)
+app_names = st.from_regex(r"^[a-z0-9][a-z0-9._-]{0,199}$", fullmatch=True)
 
 
 @st.composite
@@ -375,6 +347,11 @@ def route_keys(draw: st.DrawFn) -> RouteKey:
 
 
 @given(app_names, route_keys(), app_names, route_keys())
-def test_chain_names_are_unique(app_a: str, key_a: RouteKey, app_b: str, key_b: RouteKey) -> None:
+def test_chain_names_are_unique_and_valid(
+    app_a: str, key_a: RouteKey, app_b: str, key_b: RouteKey
+) -> None:
+    a, b = chain_name(app_a, key_a), chain_name(app_b, key_b)
     if (app_a, key_a) != (app_b, key_b):
-        assert chain_name(app_a, key_a) != chain_name(app_b, key_b)
+        assert a != b
+    # nft's identifier rule: a letter, then letters, digits, / \\ _ . - only
+    assert a[0] == "r" and all(c.isalnum() or c in "_.-" for c in a)
