@@ -34,7 +34,7 @@ def sh(
 
 def delete_natports_table() -> None:
     """The test table, and the test prefix's accept in Docker's DOCKER-USER chain."""
-    from natports.doctor import iptables_variant
+    from natports.probes import iptables_variant
     from natports.forwarding import Forwarding
 
     sh("nft", "delete", "table", *TABLE, check=False)
