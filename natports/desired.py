@@ -60,6 +60,7 @@ def build_routes(
                         private_port=private,
                         backends=backends,
                         hairpin_subnets=tuple(subnets),
+                        proxy_protocol=mapping.proxy_protocol,
                     )
                 )
     if problems:
