@@ -155,12 +155,16 @@ class ControlConn:
 
 def accept_control(server: socket.socket) -> list[socket.socket]:
     """Pending control connections from root or our own user (the socket is 0600 anyway)."""
-    accepted = []
+    accepted: list[socket.socket] = []
     for _ in range(64):
         try:
             sock, _addr = server.accept()
         except BlockingIOError:
             break
+        except OSError:
+            if accepted:  # serve these; the error comes back on the next event
+                break
+            raise
         sock.setblocking(False)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)

@@ -89,6 +89,9 @@ class Daemon:
         self.stopping = False
         self.restart_requested = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # One fd kept back so the control socket answers even when connections took all.
+        self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._control_paused = False
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ class Daemon:
                 break
         else:
             self.control = bind_control(self.socket_path)
-        self.rt.add_acceptor(self.control.fileno(), self._on_control)
+        self.rt.loop.add(self.control.fileno(), self._on_control, IN)
 
     def run(self) -> None:
         next_tick = time.monotonic() + 1.0
@@ -172,6 +175,7 @@ class Daemon:
 
     def _tick(self, now: float) -> None:
         self.rt.tick(now)
+        self._refill_reserve()
         for conn in list(self.rt.conns):
             conn.tick(now)
         for listener in self.listeners.values():
@@ -257,14 +261,32 @@ class Daemon:
     # -- control ------------------------------------------------------------------------------
 
     def _on_control(self, events: int) -> None:
+        """Accept control clients; when fds ran out, the reserved one lets `status` answer."""
         assert self.control is not None
         try:
             accepted = accept_control(self.control)
         except OSError as exc:
-            self.rt.out_of_fds("control accept", exc)
-            return
+            if self._reserve < 0:  # spent: listen again on the next tick, do not spin
+                self.rt.loop.modify(self.control.fileno(), 0)
+                self._control_paused = True
+                self.rt.out_of_fds("control accept", exc)
+                return
+            os.close(self._reserve)
+            self._reserve = -1
+            try:
+                accepted = accept_control(self.control)
+            except OSError:
+                return
         for sock in accepted:
             ControlConn(self.rt.loop, self.clients, sock, self.command)
+
+    def _refill_reserve(self) -> None:
+        if self._reserve < 0:
+            with contextlib.suppress(OSError):
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if self._control_paused and self.control is not None:
+            self._control_paused = False
+            self.rt.loop.modify(self.control.fileno(), IN)
 
     def command(self, line: str, client: ControlConn) -> str | None:
         if line == "reload":
@@ -408,7 +430,7 @@ class Daemon:
             self.rt.stats[rid] = RouteStats.restored(saved)
         self.control = adopt_socket(state.control)
         self.control_owned = state.control_owned
-        self.rt.add_acceptor(self.control.fileno(), self._on_control)
+        self.rt.loop.add(self.control.fileno(), self._on_control, IN)
         self.spare = [adopt_socket(fd) for fd in state.spare]
         for entry in state.listeners:
             listener = self._listen(entry.route, adopt_socket(entry.fd), entry.origin)
