@@ -21,6 +21,7 @@ from .loop import IN, Handler, Loop, Warnings, log
 if TYPE_CHECKING:
     from .tcp import TcpConn
 
+COPY_SIZE = 64 * 1024  # a read this full marks a direction as bulk (splice from then on)
 NO_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_AFTER = 1.0  # retry accepting this often while paused, in case fds freed elsewhere
 QUIET_BEFORE_ALL_CLEAR = 10.0  # an fd shortage episode ends after this long without one
@@ -93,6 +94,7 @@ class Runtime:
     def __init__(self, splice: bool, limits: Limits) -> None:
         self.loop = Loop()
         self.splice = splice
+        self.scratch = memoryview(bytearray(COPY_SIZE))  # every copy goes through it (one thread)
         self.limits = limits
         self.stats: dict[str, RouteStats] = {}
         self.conns: set[TcpConn] = set()

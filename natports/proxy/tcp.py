@@ -2,10 +2,10 @@
 
 TCP data never enters Python: os.splice moves it socket -> pipe -> socket inside
 the kernel; a plain recv/send copy is the fallback where splice is missing or
-refused. Pipes are made on the first byte, start at the kernel's default size
-(64 KiB) and grow to PIPE_MAX only when a splice fills them, and a connection
-idle for a while gives its empty pipes back: an idle connection holds two fds
-and no pipe memory.
+refused. A direction copies through a shared scratch buffer until a read fills
+it (see Pump); its pipe then starts at the kernel's default size (64 KiB) and
+grows to PIPE_MAX only when a splice fills it, and a connection idle for a while
+gives its empty pipes back: an idle connection holds two fds and no pipe memory.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from .loop import EDGE, ERR, HUP, IN, OUT, log
 from .runtime import NO_BACKEND, NO_FDS, NO_FDS_CAUSE, RouteStats, Runtime
 
 PIPE_MAX = 1 << 20  # a busy direction grows its pipe to this (F_SETPIPE_SZ)
-COPY_SIZE = 64 * 1024
 ROUNDS = 16  # reads per pump before yielding to other connections
 CONNECT_TIMEOUT = 5.0
 SHRINK_AFTER = 10.0  # seconds idle before a connection gives its empty pipes back
@@ -64,38 +63,46 @@ def make_pipe() -> tuple[int, int, int]:
 
 
 class Pump:
-    """One direction of a TCP connection: src -> (pipe or buffer) -> dst, then half-close."""
+    """One direction of a TCP connection: src -> (copy or pipe) -> dst, then half-close.
+
+    Every direction starts by copying through one scratch buffer shared by all
+    connections (short exchanges cost no pipe and no extra fds); a read that fills
+    the scratch buffer marks the direction as bulk, and it moves to splice through
+    its own pipe once nothing is left over. Bytes a full peer could not take wait
+    in `buf`, sized to what is left, never more than one scratch buffer.
+    """
 
     __slots__ = (
         "buf",
+        "bulk",
         "dst",
         "dst_fd",
-        "end",
         "eof",
         "moved",
         "pending",
         "pipe_r",
         "pipe_size",
         "pipe_w",
+        "scratch",
         "shut",
         "splice",
         "src",
         "src_fd",
-        "start",
         "stats",
     )
 
     def __init__(
-        self, src: socket.socket, dst: socket.socket, stats: RouteStats, splice: bool
+        self, src: socket.socket, dst: socket.socket, stats: RouteStats, rt: Runtime
     ) -> None:
         self.src, self.dst, self.stats = src, dst, stats
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.pipe_r = self.pipe_w = -1
         self.pipe_size = 0
-        self.splice = splice
-        self.buf: bytearray | None = None  # copy mode once set
-        self.start = self.end = self.pending = self.moved = 0
-        self.eof = self.shut = False
+        self.splice = rt.splice
+        self.scratch = rt.scratch
+        self.buf = bytearray()  # copied bytes the peer has not taken yet
+        self.pending = self.moved = 0  # pending: bytes in the pipe
+        self.eof = self.shut = self.bulk = False
 
     @property
     def done(self) -> bool:
@@ -105,21 +112,51 @@ class Pump:
         """Move what can be moved now: BLOCKED (wait for an edge), AGAIN (yielded) or DONE."""
         if self.shut:
             return DONE
-        if self.buf is None and self.pipe_r < 0:  # no byte seen since the last (or no) pipe
+        return self._splice() if self.pipe_r >= 0 else self._copy()
+
+    def _copy(self) -> int:
+        scratch = self.scratch
+        for _ in range(ROUNDS):
+            if self.buf:
+                try:
+                    sent = self.dst.send(self.buf)
+                except BlockingIOError:
+                    return BLOCKED
+                self.moved += sent
+                self.stats.bytes += sent
+                del self.buf[:sent]
+                if self.buf:
+                    return BLOCKED  # the peer's buffer is full: wait for it to drain
+            if self.eof:
+                return self._finish()
+            if self.bulk and self.splice and self._open_pipe():
+                return self._splice()
             try:
-                peek = self.src.recv(1, socket.MSG_PEEK)
+                got = self.src.recv_into(scratch)
             except BlockingIOError:
                 return BLOCKED
-            if not peek:
+            if got == 0:
                 self.eof = True
-                return self._finish()
+                continue
+            self.bulk = got == len(scratch)
             try:
-                if not self.splice:
-                    raise OSError(errno.EOPNOTSUPP, "splice is off")
-                self.pipe_r, self.pipe_w, self.pipe_size = make_pipe()
-            except OSError:  # splice off, or out of fds for pipes: this direction copies
-                self.buf = bytearray(COPY_SIZE)
-        return self._splice() if self.buf is None else self._copy()
+                sent = self.dst.send(scratch[:got])
+            except BlockingIOError:
+                sent = 0
+            self.moved += sent
+            self.stats.bytes += sent
+            if sent < got:
+                self.buf = bytearray(scratch[sent:got])
+                return BLOCKED
+        return AGAIN
+
+    def _open_pipe(self) -> bool:
+        try:
+            self.pipe_r, self.pipe_w, self.pipe_size = make_pipe()
+        except OSError:  # out of fds for pipes: this direction keeps copying
+            self.splice = False
+            return False
+        return True
 
     def _grow(self) -> None:
         """The pipe filled in one splice: this direction is busy, give it room."""
@@ -145,9 +182,9 @@ class Pump:
             except BlockingIOError:
                 return BLOCKED
             except OSError as exc:
-                if exc.errno in UNSPLICEABLE and self.pending == 0:
+                if exc.errno in UNSPLICEABLE:  # the pipe is empty here: copy from now on
                     self.close_pipe()
-                    self.buf = bytearray(COPY_SIZE)
+                    self.splice = False
                     return self._copy()
                 raise
             if got == 0:
@@ -155,30 +192,6 @@ class Pump:
             elif got == self.pipe_size < PIPE_MAX:
                 self._grow()
             self.pending = got
-        return AGAIN
-
-    def _copy(self) -> int:
-        buf = self.buf
-        assert buf is not None
-        view = memoryview(buf)
-        for _ in range(ROUNDS):
-            while self.start < self.end:
-                try:
-                    sent = self.dst.send(view[self.start : self.end])
-                except BlockingIOError:
-                    return BLOCKED
-                self.start += sent
-                self.moved += sent
-                self.stats.bytes += sent
-            if self.eof:
-                return self._finish()
-            try:
-                got = self.src.recv_into(buf)
-            except BlockingIOError:
-                return BLOCKED
-            if got == 0:
-                self.eof = True
-            self.start, self.end = 0, got
         return AGAIN
 
     def _finish(self) -> int:
@@ -190,9 +203,10 @@ class Pump:
         return DONE
 
     def shrink(self) -> None:
-        """Give an empty pipe back (an idle connection); the next byte makes a new one."""
+        """An idle connection gives its empty pipe back; bulk traffic makes a new one."""
         if self.pipe_r >= 0 and self.pending == 0:
             self.close_pipe()
+            self.bulk = False
 
     def close_pipe(self) -> None:
         for fd in (self.pipe_r, self.pipe_w):
@@ -204,23 +218,19 @@ class Pump:
 
     def state(self) -> PumpState:
         pipe = (self.pipe_r, self.pipe_w, self.pipe_size) if self.pipe_r >= 0 else None
-        data = b"" if self.buf is None else bytes(self.buf[self.start : self.end])
-        return PumpState(pipe, self.pending, data, self.eof, self.shut, self.moved)
+        return PumpState(pipe, self.pending, bytes(self.buf), self.eof, self.shut, self.moved)
 
     @classmethod
     def adopt(
-        cls, src: socket.socket, dst: socket.socket, stats: RouteStats, s: PumpState, splice: bool
+        cls, src: socket.socket, dst: socket.socket, stats: RouteStats, s: PumpState, rt: Runtime
     ) -> Pump:
-        pump = cls(src, dst, stats, splice)
+        pump = cls(src, dst, stats, rt)
         pump.pending, pump.eof, pump.shut, pump.moved = s.pending, s.eof, s.shut, s.moved
+        pump.buf = bytearray(s.data)
         if s.pipe is not None:
             pump.pipe_r, pump.pipe_w, pump.pipe_size = s.pipe
             for fd in (pump.pipe_r, pump.pipe_w):
                 os.set_inheritable(fd, False)
-        elif s.data:
-            pump.buf = bytearray(max(COPY_SIZE, len(s.data)))
-            pump.buf[: len(s.data)] = s.data
-            pump.end = len(s.data)
         return pump
 
 
@@ -330,8 +340,8 @@ class TcpConn:
                 return
             self.header = b""
         self.state = TcpConn.OPEN
-        self.c2u = Pump(self.client, self.upstream, self.stats, self.rt.splice)
-        self.u2c = Pump(self.upstream, self.client, self.stats, self.rt.splice)
+        self.c2u = Pump(self.client, self.upstream, self.stats, self.rt)
+        self.u2c = Pump(self.upstream, self.client, self.stats, self.rt)
         self.run(self.c2u)
         self.run(self.u2c)
 
@@ -455,8 +465,8 @@ class TcpConn:
             conn._connected()  # the handshake may have finished during the exec
             return conn
         conn.state = TcpConn.OPEN
-        conn.c2u = Pump.adopt(client, conn.upstream, conn.stats, s.c2u, rt.splice)
-        conn.u2c = Pump.adopt(conn.upstream, client, conn.stats, s.u2c, rt.splice)
+        conn.c2u = Pump.adopt(client, conn.upstream, conn.stats, s.c2u, rt)
+        conn.u2c = Pump.adopt(conn.upstream, client, conn.stats, s.u2c, rt)
         # Edges that fired before the exec are gone: look at both directions now.
         c2u, u2c = conn.c2u, conn.u2c
         rt.loop.ready.append(lambda: conn.run(c2u))
