@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import resource
 import signal
@@ -55,10 +54,11 @@ from .handover import (
 from .inherit import adopt_socket, sd_notify, socket_serves, systemd_sockets
 from .limits import Limits, LimitsError, read_limits
 from .listeners import Listener, TcpListener, bind_public, listen_failure
-from .loop import IN, log
+from .loop import IN, log, setup_logging
 from .runtime import RouteStats, Runtime
 from .tcp import TcpConn, backend_text
 from .udp import UdpListener
+from .workers import Workers
 
 
 class Daemon:
@@ -101,6 +101,11 @@ class Daemon:
             self.rt.limits = read_limits(self.settings_path, self.udp_idle_default)
         except LimitsError as exc:
             raise NatportsError(f"cannot start: {exc}", "fix the [proxy] section") from None
+        count = self.rt.limits.workers
+        with contextlib.suppress(KeyError, ValueError):
+            count = int(os.environ["NATPORTS_PROXY_WORKERS"])
+        if count > 0:
+            self.rt.workers = Workers(self.rt, count)
         try:
             handover = take_handover()
         except HandoverError as exc:
@@ -126,6 +131,8 @@ class Daemon:
                 "splice" if self.rt.splice else "recv/send",
                 self.socket_path,
             )
+        if self.rt.workers is not None:
+            self.rt.workers.start()
         for sock in self.spare:
             log.warning("inherited socket %s matches no route: kept unused", _sockname(sock))
         # Signals that arrived during an exec were held back (blocked): take them now.
@@ -176,6 +183,8 @@ class Daemon:
     def _tick(self, now: float) -> None:
         self.rt.tick(now)
         self._refill_reserve()
+        if self.rt.workers is not None:
+            self.rt.workers.tick()
         for conn in list(self.rt.conns):
             conn.tick(now)
         for listener in self.listeners.values():
@@ -189,6 +198,8 @@ class Daemon:
             listener.sock.close()
         for conn in list(self.rt.conns):
             conn.close()
+        if self.rt.workers is not None:
+            self.rt.workers.stop()
         for client in list(self.clients):
             client.close()
         if self.control is not None:
@@ -356,7 +367,14 @@ class Daemon:
             "limits": self.rt.limits.to_json(),
             "config": str(self.config_path),
             "routes": routes,
-            "tcp_connections": len(self.rt.conns),
+            "tcp_connections": self.rt.tcp_open,
+            "workers": []
+            if self.rt.workers is None
+            else [
+                {"pid": w.pid, "draining": w.draining, "connections": w.admitted.total()}
+                for w in self.rt.workers.links
+                if not w.gone
+            ],
             "udp_flows": self.rt.udp_open,
             "accepting_paused": self.rt.paused,
             "backends_backing_off": [f"{h}:{p}" for h, p in self.rt.health.backing_off(now)],
@@ -420,6 +438,7 @@ class Daemon:
             clients=tuple(c.snapshot() for c in self.clients),
             stats={rid: s.saved() for rid, s in self.rt.stats.items()},
             tcp=tuple(conn.snapshot(now) for conn in self.rt.conns),
+            workers=() if self.rt.workers is None else tuple(self.rt.workers.saved()),
         )
 
     def _adopt(self, state: Handover) -> None:
@@ -452,6 +471,10 @@ class Daemon:
                 self.listeners[route.key] = listener
         for conn in state.tcp:
             TcpConn.adopt(self.rt, conn)
+        if state.workers:
+            if self.rt.workers is None:  # workers turned off: the old ones still finish
+                self.rt.workers = Workers(self.rt, 0)
+            self.rt.workers.adopt(list(state.workers))
         for waiting in state.clients:
             client = ControlConn(
                 self.rt.loop,
@@ -482,15 +505,6 @@ def _sockname(sock: socket.socket) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def _setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("natports-proxy: %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(os.environ.get("NATPORTS_PROXY_LOG", "INFO").upper())
-
-
 def _raise_fd_limit() -> None:
     """Each busy TCP connection holds 6 fds (2 sockets, 2 pipes): take all the kernel allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -505,7 +519,7 @@ def serve(state_dir: Path, config_path: Path, settings_path: Path | None = None)
     `settings_path` is the operator's natports.toml ([proxy] limits; None: defaults).
     Raises NatportsError when it cannot start (another daemon runs, bad config).
     """
-    _setup_logging()
+    setup_logging()
     _raise_fd_limit()
     splice = hasattr(os, "splice") and os.environ.get("NATPORTS_PROXY_SPLICE", "1") != "0"
     udp_idle: float | None = None

@@ -225,9 +225,11 @@ class Handover:
     clients: tuple[ClientState, ...]
     stats: dict[str, dict[str, object]]
     tcp: tuple[TcpState, ...]
+    workers: tuple[dict[str, Any], ...] = ()  # workers.WorkerLink.saved(): pid, fd, admitted
 
     def fds(self) -> list[int]:
         fds = [x.fd for x in self.listeners]
+        fds += [int(w["fd"]) for w in self.workers]
         fds += [f.fd for x in self.listeners for f in x.flows]
         for conn in self.tcp:
             fds += conn.fds()
@@ -248,6 +250,7 @@ class Handover:
             "clients": [c.to_json() for c in self.clients],
             "stats": self.stats,
             "tcp": [c.to_json() for c in self.tcp],
+            "workers": list(self.workers),
         }
 
     @classmethod
@@ -267,6 +270,7 @@ class Handover:
                 clients=tuple(ClientState.from_json(c) for c in d["clients"]),
                 stats={str(k): dict(v) for k, v in d["stats"].items()},
                 tcp=tuple(TcpState.from_json(c) for c in d["tcp"]),
+                workers=tuple(dict(w) for w in d.get("workers", [])),
             )
         except (KeyError, TypeError, ValueError, AssertionError) as exc:
             raise HandoverError(

@@ -3,6 +3,7 @@
     [proxy]
     max_tcp = 20000              # open TCP connections, whole proxy
     max_udp_flows = 4096         # UDP flows (one ephemeral port each), whole proxy
+    workers = 0                  # TCP worker processes ("auto": one per CPU); 0: in-process
     route_max_tcp = 5000         # per route (public port)
     route_max_udp_flows = 1024
     source_max_tcp = 256         # per route and client address
@@ -22,6 +23,7 @@ The UDP defaults keep well below the ~28,000 ports of the default ephemeral rang
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 from ..model import Protocol, Route
 
 GLOBAL_KEYS = ("max_tcp", "max_udp_flows")
+WORKERS_KEY = "workers"
 
 
 class LimitsError(ValueError):
@@ -70,6 +73,7 @@ class Override:
 class Limits:
     max_tcp: int = 20000
     max_udp_flows: int = 4096
+    workers: int = 0  # TCP worker processes; 0: the daemon relays TCP itself
     route: RouteLimits = RouteLimits()
     overrides: tuple[Override, ...] = ()
 
@@ -84,6 +88,7 @@ class Limits:
         return {
             "max_tcp": self.max_tcp,
             "max_udp_flows": self.max_udp_flows,
+            "workers": self.workers,
             **{k: getattr(self.route, k) for k in ROUTE_KEYS},
             "overrides": len(self.overrides),
         }
@@ -108,7 +113,7 @@ def parse_limits(data: dict[str, object], udp_idle: float | None = None) -> Limi
     if not isinstance(section, dict):
         raise LimitsError("[proxy] must be a table")
     route = RouteLimits() if udp_idle is None else RouteLimits(udp_idle=udp_idle)
-    unknown = sorted(set(section) - {*GLOBAL_KEYS, *ROUTE_KEYS, "route"})
+    unknown = sorted(set(section) - {*GLOBAL_KEYS, *ROUTE_KEYS, WORKERS_KEY, "route"})
     if unknown:
         raise LimitsError(f"proxy.{unknown[0]} is not a known setting")
     changes = {k: _number("proxy", k, section[k]) for k in ROUTE_KEYS if k in section}
@@ -120,7 +125,17 @@ def parse_limits(data: dict[str, object], udp_idle: float | None = None) -> Limi
         raise LimitsError("proxy.route must be an array of tables ([[proxy.route]])")
     for index, item in enumerate(items):
         overrides.append(_override(f"proxy.route[{index}]", item))
-    return Limits(route=route, overrides=tuple(overrides), **totals)
+    workers = _workers(section.get(WORKERS_KEY, 0))
+    return Limits(route=route, overrides=tuple(overrides), workers=workers, **totals)
+
+
+def _workers(value: object) -> int:
+    """`workers = N` or `"auto"` (one per CPU); read at start (a restart applies a change)."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 256:
+        raise LimitsError(f'proxy.workers must be "auto" or 0-256, not {value!r}')
+    return value
 
 
 def _override(where: str, item: object) -> Override:

@@ -106,6 +106,12 @@ class TcpListener(Listener):
         header = b""
         if self.route.proxy_protocol:
             header = proxyproto.header(peer, client.getsockname(), datagram=False)
+        workers = self.rt.workers
+        idle = self.limits.tcp_idle
+        if workers is not None and workers.dispatch(
+            client, self.rid, source, candidates, header, idle
+        ):
+            return
         conn = TcpConn(self.rt, client, self.rid, source, candidates, header, self.limits.tcp_idle)
         conn.connect_next()
 

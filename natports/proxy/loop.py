@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -76,3 +78,13 @@ class Warnings:
         if now - self._last.get(topic, -1e9) >= self.every:
             self._last[topic] = now
             log.warning("%s", message)
+
+
+def setup_logging(name: str = "natports-proxy") -> None:
+    """Log lines to stderr (the journal under systemd), level from NATPORTS_PROXY_LOG."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{name}: %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(os.environ.get("NATPORTS_PROXY_LOG", "INFO").upper())

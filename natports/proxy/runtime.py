@@ -20,6 +20,7 @@ from .loop import IN, Handler, Loop, Warnings, log
 
 if TYPE_CHECKING:
     from .tcp import TcpConn
+    from .workers import Workers
 
 COPY_SIZE = 64 * 1024  # a read this full marks a direction as bulk (splice from then on)
 NO_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -98,6 +99,7 @@ class Runtime:
         self.limits = limits
         self.stats: dict[str, RouteStats] = {}
         self.conns: set[TcpConn] = set()
+        self.workers: Workers | None = None  # TCP worker processes, when configured
         self.connecting: set[TcpConn] = set()
         self.health = Health()
         self.warnings = Warnings()

@@ -142,3 +142,38 @@ def test_route_metrics_shape() -> None:
         }
     }
     assert route_metrics({}) == {}
+
+
+# -- worker reports -------------------------------------------------------------------------------
+
+
+def test_a_worker_report_carries_deltas_and_forgets_nothing_unsent() -> None:
+    from natports.proxy.worker import WorkerRuntime, apply_report
+
+    rt = WorkerRuntime(splice=True)
+    rt.recount("tcp", "r", "198.51.100.7")
+    rt.stats["r"].bytes += 100
+    rt.release("tcp", "r", "198.51.100.7")
+    report, seen = rt.report()
+    assert report == {"closed": [("r", "198.51.100.7")], "stats": {"r": [100, 0, 0, {}]}}
+    again, _ = rt.report()  # not committed (the send failed): the same report again
+    assert again == report
+    rt.commit(report, seen)
+    rt.stats["r"].bytes += 5
+    rt.stats["r"].refused["no_backend"] += 1
+    report, seen = rt.report()
+    assert report == {"closed": [], "stats": {"r": [5, 0, 0, {"no_backend": 1}]}}
+    daemon: dict[str, RouteStats] = {}
+    apply_report(daemon, json.loads(json.dumps(report)))
+    apply_report(daemon, json.loads(json.dumps(report)))
+    assert daemon["r"].bytes == 10 and daemon["r"].refused == {"no_backend": 2}
+
+
+def test_workers_setting() -> None:
+    from natports.proxy.limits import LimitsError, parse_limits
+
+    assert parse_limits({}).workers == 0
+    assert parse_limits({"proxy": {"workers": 3}}).workers == 3
+    assert parse_limits({"proxy": {"workers": "auto"}}).workers >= 1
+    with pytest.raises(LimitsError, match=r'proxy\.workers must be "auto" or 0-256, not -1'):
+        parse_limits({"proxy": {"workers": -1}})
