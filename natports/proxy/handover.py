@@ -20,6 +20,8 @@ from ..model import Backend, Route
 
 HANDOVER_ENV = "NATPORTS_PROXY_HANDOVER"
 HANDOVER_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before limits (an upgrade's first SIGHUP re-execs from it)
+V1_IDLE_TIMEOUT = 3600.0  # the default tcp_idle, for connections handed over by version 1
 
 
 class HandoverError(ValueError):
@@ -109,9 +111,9 @@ class TcpState:
             backend=None if d["backend"] is None else Backend.from_json(d["backend"]),
             candidates=tuple(Backend.from_json(b) for b in d["candidates"]),
             open=bool(d["open"]),
-            header=_unb64(d["header"]),
-            idle_timeout=float(d["idle_timeout"]),
-            idle=float(d["idle"]),
+            header=_unb64(d.get("header")),  # .get: absent from version 1
+            idle_timeout=float(d.get("idle_timeout", V1_IDLE_TIMEOUT)),
+            idle=float(d.get("idle", 0.0)),
             c2u=None if d["c2u"] is None else PumpState.from_json(d["c2u"]),
             u2c=None if d["u2c"] is None else PumpState.from_json(d["u2c"]),
         )
@@ -255,8 +257,9 @@ class Handover:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Handover:
-        if d.get("version") != HANDOVER_VERSION:
-            raise HandoverError(f"handover version {d.get('version')!r}, {HANDOVER_VERSION} known")
+        if d.get("version") not in READABLE_VERSIONS:
+            known = ", ".join(map(str, READABLE_VERSIONS))
+            raise HandoverError(f"handover version {d.get('version')!r}, {known} known")
         try:
             return cls(
                 generation=int(d["generation"]),
@@ -268,7 +271,7 @@ class Handover:
                 control=int(d["control"]["fd"]),
                 control_owned=bool(d["control"]["owned"]),
                 clients=tuple(ClientState.from_json(c) for c in d["clients"]),
-                stats={str(k): dict(v) for k, v in d["stats"].items()},
+                stats={str(k): _stats(v) for k, v in d["stats"].items()},
                 tcp=tuple(TcpState.from_json(c) for c in d["tcp"]),
                 workers=tuple(dict(w) for w in d.get("workers", [])),
             )
@@ -276,6 +279,13 @@ class Handover:
             raise HandoverError(
                 f"handover state is invalid ({type(exc).__name__}: {exc})"
             ) from None
+
+
+def _stats(value: Any) -> dict[str, object]:
+    """Version 1 saved [connections, bytes]; version 2 saves RouteStats.saved()."""
+    if isinstance(value, list):
+        return {"connections": int(value[0]), "bytes": int(value[1])}
+    return dict(value)
 
 
 def write_handover(state: Handover) -> int:

@@ -173,7 +173,7 @@ class Runtime:
         if cause not in (NO_FDS_CAUSE,):
             self.warn(f"refuse {rid} {cause}", f"{rid}: refusing new flows: {cause} reached")
 
-    def release(self, kind: str, rid: str, source: str) -> None:
+    def release(self, kind: str, rid: str, source: str, resume: bool = True) -> None:
         """A flow admitted by admit_tcp/admit_udp ended: its fds are free again."""
         stats = self.stats_for(rid)
         key = (kind, rid, source)
@@ -186,7 +186,7 @@ class Runtime:
         else:
             self.udp_open -= 1
             stats.flows -= 1
-        if self.paused:
+        if self.paused and resume:
             self._resume()
 
     # -- file descriptor shortage ------------------------------------------------------------------

@@ -266,6 +266,7 @@ class TcpConn:
         self.c2u: Pump | None = None
         self.u2c: Pump | None = None
         self.state = TcpConn.CONNECTING
+        self.frees_fds = True
         rt.conns.add(self)
         rt.loop.add(self.client_fd, self.on_client, EDGE)
 
@@ -280,6 +281,7 @@ class TcpConn:
                 if exc.errno in NO_FDS:
                     self.rt.out_of_fds("socket", exc)
                     self.rt.refuse(self.rid, NO_FDS_CAUSE)
+                    self.frees_fds = False  # its close frees only what it took: stay paused
                     self.abort("out of file descriptors")
                     return
                 self.rt.warn("socket", f"{self.rid}: cannot open a socket: {exc}")
@@ -422,7 +424,7 @@ class TcpConn:
         for pump in (self.c2u, self.u2c):
             if pump is not None:
                 pump.close_pipe()
-        self.rt.release("tcp", self.rid, self.source)
+        self.rt.release("tcp", self.rid, self.source, resume=self.frees_fds)
 
     # -- restart ----------------------------------------------------------------------------
 

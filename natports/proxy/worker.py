@@ -37,15 +37,17 @@ class WorkerRuntime(Runtime):
         self.closed: list[tuple[str, str]] = []
         self.reported: dict[str, tuple[int, int, int, dict[str, int]]] = {}
 
-    def release(self, kind: str, rid: str, source: str) -> None:
-        super().release(kind, rid, source)
+    def release(self, kind: str, rid: str, source: str, resume: bool = True) -> None:
+        super().release(kind, rid, source, resume)
         self.closed.append((rid, source))
 
-    def report(self, limit: int = CLOSED_PER_MESSAGE) -> tuple[dict[str, Any], Any]:
+    def report(
+        self, with_stats: bool = True, limit: int = CLOSED_PER_MESSAGE
+    ) -> tuple[dict[str, Any], Any]:
         """(the next report, its commit token): nothing is forgotten until it was sent."""
         stats: dict[str, list[Any]] = {}
-        seen = {}
-        for rid, s in self.stats.items():
+        seen = self.reported if not with_stats else {}
+        for rid, s in self.stats.items() if with_stats else ():
             before = self.reported.get(rid, (0, 0, 0, {}))
             refused = {k: v - before[3].get(k, 0) for k, v in s.refused.items()}
             delta = [
@@ -124,6 +126,8 @@ class Worker:
         next_tick = self.rt.loop.now + 1.0
         while not (self.draining and not self.rt.conns):
             self.rt.loop.poll(1.0)
+            if self.rt.closed:  # released at once: the daemon's caps count open connections
+                self.send_report(with_stats=False)
             now = self.rt.loop.now
             if now >= next_tick:
                 next_tick = now + 1.0
@@ -133,9 +137,9 @@ class Worker:
                 self.send_report()
         self.send_report()
 
-    def send_report(self) -> None:
+    def send_report(self, with_stats: bool = True) -> None:
         while True:
-            report, seen = self.rt.report()
+            report, seen = self.rt.report(with_stats)
             if not report["closed"] and not report["stats"]:
                 return
             try:

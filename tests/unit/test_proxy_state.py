@@ -63,8 +63,8 @@ def test_handover_round_trips_through_json() -> None:
 
 def test_an_unknown_or_broken_handover_is_an_error_not_a_crash() -> None:
     doc = sample().to_json()
-    with pytest.raises(HandoverError, match="handover version 1, 2 known"):
-        Handover.from_json({**doc, "version": 1})
+    with pytest.raises(HandoverError, match="handover version 3, 1, 2 known"):
+        Handover.from_json({**doc, "version": 3})
     del doc["tcp"][0]["client"]
     with pytest.raises(HandoverError, match="KeyError"):
         Handover.from_json(doc)
@@ -177,3 +177,41 @@ def test_workers_setting() -> None:
     assert parse_limits({"proxy": {"workers": "auto"}}).workers >= 1
     with pytest.raises(LimitsError, match=r'proxy\.workers must be "auto" or 0-256, not -1'):
         parse_limits({"proxy": {"workers": -1}})
+
+
+def test_a_handover_from_the_previous_version_is_taken_over() -> None:
+    """Upgrading natports and reloading (SIGHUP) re-execs into the new code: v1 state."""
+    v1 = {
+        "version": 1,
+        "generation": 3,
+        "restarts": 1,
+        "started": 1.0,
+        "routes": [],
+        "listeners": [],
+        "spare": [],
+        "control": {"fd": 5, "owned": True},
+        "clients": [],
+        "stats": {"mail/tcp/*/25": [4, 400]},
+        "tcp": [
+            {
+                "route_id": "mail/tcp/*/25",
+                "client": 7,
+                "upstream": 8,
+                "backend": A.to_json(),
+                "candidates": [],
+                "open": True,
+                "c2u": {"pipe": [9, 10, 1048576], "pending": 3, "data": None, "eof": False,
+                        "shut": False, "moved": 1},
+                "u2c": {"pipe": None, "pending": 0, "data": "AAE=", "eof": True, "shut": False,
+                        "moved": 2},
+            }
+        ],
+    }  # fmt: skip
+    state = Handover.from_json(v1)
+    assert state.stats == {"mail/tcp/*/25": {"connections": 4, "bytes": 400}}
+    conn = state.tcp[0]
+    assert (conn.header, conn.idle, conn.idle_timeout) == (b"", 0.0, 3600.0)
+    assert conn.c2u == PumpState((9, 10, 1048576), 3, b"", False, False, 1)
+    assert conn.u2c == PumpState(None, 0, b"\x00\x01", True, False, 2)
+    assert state.workers == ()
+    assert RouteStats.restored(state.stats["mail/tcp/*/25"]).connections == 4
