@@ -1,5 +1,8 @@
 """The natports proxy daemon: public ports served from userspace, for hosts without netfilter.
 
+(Over 400 lines: start, reload, status and the restart snapshot/adoption all read and
+write the same daemon state; each relay job lives in its own module, listed below.)
+
 It serves the routes of a config file (see config.py) and is driven through a
 unix socket in the state directory, one line per request:
 

@@ -1,5 +1,8 @@
 """TCP relay: a client connection, its upstream, and a pump for each direction.
 
+(Over 400 lines: Pump and TcpConn are the two halves of one state machine, with their
+handover; they change together.)
+
 TCP data never enters Python: os.splice moves it socket -> pipe -> socket inside
 the kernel; a plain recv/send copy is the fallback where splice is missing or
 refused. A direction copies through a shared scratch buffer until a read fills
