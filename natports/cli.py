@@ -262,7 +262,7 @@ def proxy(ctx: engine.Context) -> None:
     """Run the userspace TCP/UDP proxy (the `proxy` backend's daemon) in the foreground."""
     from .proxy import config_path, serve
 
-    serve(ctx.store.root, config_path(ctx.store.root))
+    serve(ctx.store.root, config_path(ctx.store.root), ctx.config_path)
 
 
 @main.command()

@@ -75,6 +75,7 @@ def build_routes(
                     private_port=mapping.private_port,
                     backends=backends,
                     hairpin_subnets=tuple(subnets),
+                    proxy_protocol=mapping.proxy_protocol,
                 )
             )
     if problems:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import switch
+from .backends import select
 from .claims import ClaimCheck as ClaimCheck
 from .claims import check_file as check_file
 from .claims import claim_checker as claim_checker
@@ -73,7 +74,12 @@ def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Rou
         ctx.inspected.update((c.id, c) for c in infos)
     # Backends that pass Docker's FORWARD filter by themselves need no published ports.
     forwards = getattr(ctx.backend, "forwards_unpublished", None)
-    return build_routes(app, mappings, found, need_publish=not (forwards and forwards()))
+    routes = build_routes(app, mappings, found, need_publish=not (forwards and forwards()))
+    # Only a process that terminates the connection can send a PROXY protocol header.
+    refused = select.unsupported(ctx.backend.name, routes)
+    if refused:
+        raise InputError(refused)
+    return routes
 
 
 def _observe(ctx: Context, routes: Sequence[Route]) -> dict[str, ContainerInfo | None]:
@@ -185,8 +191,8 @@ def apply_all_unlocked(ctx: Context, dry_run: bool = False) -> ApplyReport:
     for app in configured:
         try:
             desired[app] = _desired_for(ctx, app, ())
-        except AppProblem as exc:
-            failed[app] = exc.message
+        except (AppProblem, InputError) as exc:
+            failed[app] = exc.message if isinstance(exc, AppProblem) else "; ".join(exc.problems)
             # A broken app keeps what it had, to containers that still serve it.
             desired[app] = _still_serving(ctx, _previous(ctx, app))
     # A broken app's kept routes yield to healthy apps' routes on the same key.

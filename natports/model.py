@@ -12,6 +12,7 @@ IPAddress = IPv4Address | IPv6Address
 PORT_MIN = 1
 PORT_MAX = 65535
 DEFAULT_PROCESS_TYPE = "web"
+PROXY_PROTOCOL_OPTION = "proxy-protocol"  # the PORTS word that asks for a PROXY v2 header
 
 # Dokku's rule for existing app names, length-capped. New apps get `^[a-z0-9][a-z0-9.-]*$`,
 # but older apps may contain `_` and stay valid (Dokku v0.38.27 plugins/common/common.go:
@@ -52,6 +53,8 @@ class Mapping:
     count: int = 1
     public_ip: IPAddress | None = None
     process_type: str = DEFAULT_PROCESS_TYPE
+    # PROXY protocol v2 header towards the app (userspace proxy backend only).
+    proxy_protocol: bool = False
 
     @property
     def public_end(self) -> int:
@@ -85,10 +88,11 @@ class Mapping:
             pub += f"-{self.public_end}"
             priv += f"-{self.private_end}"
         prefix = "" if self.process_type == DEFAULT_PROCESS_TYPE else f"{self.process_type}: "
-        return f"{prefix}{host}{pub}:{priv}/{self.protocol}"
+        option = f" {PROXY_PROTOCOL_OPTION}" if self.proxy_protocol else ""
+        return f"{prefix}{host}{pub}:{priv}/{self.protocol}{option}"
 
     def to_json(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "process_type": self.process_type,
             "protocol": str(self.protocol),
             "public_ip": None if self.public_ip is None else str(self.public_ip),
@@ -96,6 +100,9 @@ class Mapping:
             "private_port": self.private_port,
             "count": self.count,
         }
+        if self.proxy_protocol:  # only when set: documents without it stay as they were
+            doc["proxy_protocol"] = True
+        return doc
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Mapping:
@@ -107,6 +114,7 @@ class Mapping:
             count=int(str(data.get("count", 1))),
             public_ip=None if ip is None else ip_address(str(ip)),
             process_type=str(data.get("process_type", DEFAULT_PROCESS_TYPE)),
+            proxy_protocol=data.get("proxy_protocol") is True,
         )
 
 
@@ -156,6 +164,7 @@ class Route:
     backends: tuple[Backend, ...] = field(default=())
     # Subnets of the backends' networks: flows from there back to them need masquerade.
     hairpin_subnets: tuple[str, ...] = field(default=())
+    proxy_protocol: bool = False  # see Mapping.proxy_protocol
 
     def sort_key(self) -> tuple[int, str, int, str]:
         return self.key.sort_key()
@@ -190,7 +199,7 @@ class Route:
         )
 
     def to_json(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "app": self.app,
             "process_type": self.process_type,
             "family": self.key.family,
@@ -202,6 +211,9 @@ class Route:
             "hairpin_subnets": list(self.hairpin_subnets),
             **({"count": self.key.count} if self.key.count > 1 else {}),
         }
+        if self.proxy_protocol:  # only when set: state files without it stay as they were
+            doc["proxy_protocol"] = True
+        return doc
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Route:
@@ -222,4 +234,5 @@ class Route:
             private_port=int(str(data["private_port"])),
             backends=tuple(Backend.from_json(b) for b in backends),
             hairpin_subnets=tuple(str(s) for s in subnets),
+            proxy_protocol=data.get("proxy_protocol") is True,
         )

@@ -1,18 +1,20 @@
 """The PORTS grammar: text in, typed mappings or positioned errors out.
 
-    line     := [PROC ":" WS] [HOST ":"] PORTS ":" PORTS ["/" PROTO] [WS] ["#" comment]
+    line     := [PROC ":" WS] [HOST ":"] PORTS ":" PORTS ["/" PROTO] [WS OPTION] [WS] ["#" comment]
     HOST     := IPv4 | "[" IPv6 "]"
     PORTS    := NUMBER ["-" NUMBER]
     PROTO    := "tcp" | "udp"
+    OPTION   := "proxy-protocol"
 
 `worker: 25:5025` targets the `worker` process type (Procfile style); without a
-prefix the mapping targets `web`.
+prefix the mapping targets `web`. `25:5025 proxy-protocol` asks the userspace proxy to
+send a PROXY protocol v2 header to the app (docs/proxy.md).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from .model import (
@@ -20,6 +22,7 @@ from .model import (
     PORT_MAX,
     PORT_MIN,
     PROCESS_TYPE_RE,
+    PROXY_PROTOCOL_OPTION,
     IPAddress,
     Mapping,
     Protocol,
@@ -134,10 +137,16 @@ def _parse_line(raw: str, number: int) -> Located | None:
         end += 1
     token = body[pos:end]
     rest = body[end:]
+    option = rest.split(None, 1)[0] if rest.strip() else ""
+    if option == PROXY_PROTOCOL_OPTION:  # the one option word a mapping may carry
+        end += rest.index(option) + len(option)
+        rest = body[end:]
     if rest.strip():
         extra = end + (len(rest) - len(rest.lstrip()))
         raise _LineError(extra + 1, f'unexpected "{excerpt(rest.strip())}" after the mapping')
     mapping = _parse_mapping(token, pos, process_type)
+    if option == PROXY_PROTOCOL_OPTION:
+        mapping = replace(mapping, proxy_protocol=True)
     return Located(mapping, number, start_col)
 
 

@@ -34,8 +34,8 @@ def sh(
 
 def delete_natports_table() -> None:
     """The test table, and the test prefix's accept in Docker's DOCKER-USER chain."""
-    from natports.probes import iptables_variant
     from natports.forwarding import Forwarding
+    from natports.probes import iptables_variant
 
     sh("nft", "delete", "table", *TABLE, check=False)
     Forwarding(NFT_TABLE.upper(), iptables_variant()).remove()

@@ -153,6 +153,39 @@ class ProxyBackend:
                 result[str(row["id"])] = (int(row["connections"]), int(row["bytes"]))
         return result
 
+    def route_metrics(self) -> dict[str, dict[str, Any]]:
+        """Per route id, what the daemon counts now (empty when no daemon runs).
+
+        {"open_connections": int, "udp_flows": int, "refused": {cause: int},
+         "connections": int, "bytes": int, "backend_failures": int, "idle_closed": int}
+        Refusal causes: max_tcp, route_max_tcp, source_max_tcp, max_udp_flows,
+        route_max_udp_flows, source_max_udp_flows, no_fds, no_backend.
+        """
+        doc = self.status()
+        return {} if doc is None else route_metrics(doc)
+
+
+def route_metrics(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-route metrics of a daemon `status` document (pure: see route_metrics above)."""
+    result: dict[str, dict[str, Any]] = {}
+    routes = doc.get("routes")
+    for row in routes if isinstance(routes, list) else []:
+        if not isinstance(row, dict) or "id" not in row:
+            continue
+        refused = row.get("refused")
+        result[str(row["id"])] = {
+            "open_connections": int(row.get("active", 0)),
+            "udp_flows": int(row.get("udp_flows", 0)),
+            "refused": (
+                {str(k): int(v) for k, v in refused.items()} if isinstance(refused, dict) else {}
+            ),
+            "connections": int(row.get("connections", 0)),
+            "bytes": int(row.get("bytes", 0)),
+            "backend_failures": int(row.get("backend_failures", 0)),
+            "idle_closed": int(row.get("idle_closed", 0)),
+        }
+    return result
+
 
 def _ports(routes: Sequence[Route]) -> list[Route]:
     """The proxy listens port by port: a range route is one route per port here."""

@@ -6,10 +6,12 @@ Order for `auto`: nftables, iptables, proxy. The reasons are the doctor's probes
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import read_section
 from ..errors import InputError
+from ..model import PROXY_PROTOCOL_OPTION, Route
 from .base import RouteBackend
 
 NAMES = ("nftables", "iptables", "proxy")
@@ -61,3 +63,25 @@ def configured_default(config_path: Path) -> str | None:
             [f'{config_path}: backend.default "{value}" is not auto or one of {", ".join(NAMES)}']
         )
     return str(value)
+
+
+def unsupported(backend: str, routes: Sequence[Route]) -> list[str]:
+    """Problems of routes a kernel backend cannot serve as asked (pure).
+
+    A PROXY protocol header can only come from a process that terminates the
+    connection: DNAT forwards the client's own packets. The kernel backends keep the
+    client's address anyway, but an app told to expect the header would misread the
+    first bytes of every connection without it, so the option is refused, not ignored.
+    """
+    if backend == "proxy":
+        return []
+    seen: dict[tuple[str, str], None] = {}
+    for route in routes:
+        if route.proxy_protocol:
+            seen[(route.app, route.claim().public_text())] = None
+    return [
+        f'app "{app}": {public} asks for {PROXY_PROTOCOL_OPTION}, which only the proxy '
+        f"backend can send; the {backend} backend keeps client addresses without it: remove "
+        f"the option from PORTS, or use --backend proxy"
+        for app, public in seen
+    ]

@@ -1,4 +1,4 @@
-"""`python -m natports.proxy [--state-dir DIR] [--config FILE]`: the daemon without the CLI."""
+"""`python -m natports.proxy [--state-dir DIR] [--config FILE] [--settings TOML]`: no CLI."""
 
 from __future__ import annotations
 
@@ -19,9 +19,15 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("NATPORTS_STATE_DIR", "/var/lib/natports")),
     )
     parser.add_argument("--config", type=Path, default=None, help="default: STATE_DIR/proxy.json")
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=Path(os.environ.get("NATPORTS_CONFIG", "/etc/natports/natports.toml")),
+        help="the operator's natports.toml, for its [proxy] limits",
+    )
     args = parser.parse_args(argv)
     try:
-        serve(args.state_dir, args.config or config_path(args.state_dir))
+        serve(args.state_dir, args.config or config_path(args.state_dir), args.settings)
     except NatportsError as exc:
         print(f"natports proxy: {exc.message}", file=sys.stderr)
         if exc.hint:

@@ -1,24 +1,17 @@
-"""Sockets that outlive a process: systemd socket activation and our own re-exec.
+"""Sockets that outlive a process: systemd socket activation (our re-exec: handover.py).
 
 systemd passes listening sockets as fds 3.. with LISTEN_FDS/LISTEN_PID
-(sd_listen_fds(3)); we match them to routes by what they are bound to. On a
-restart the daemon passes *everything* it holds (listeners, connections, pipes,
-UDP flows) to its own re-exec: the fds stay open across execve, and a memfd
-named by HANDOVER_ENV describes them. The kernel keeps queueing connections on
-the listeners meanwhile, so a restart refuses nothing and cuts nothing.
+(sd_listen_fds(3)); we match them to routes by what they are bound to.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-from typing import Any
 
 from ..model import Protocol, RouteKey
 
-HANDOVER_ENV = "NATPORTS_PROXY_HANDOVER"
 SD_LISTEN_FDS_START = 3
 
 
@@ -91,36 +84,3 @@ def sd_notify(message: str) -> None:
     ):
         sock.connect(address)
         sock.sendall(message.encode())
-
-
-def write_handover(state: dict[str, Any]) -> int:
-    """The state in an inheritable memfd; returns its fd."""
-    fd = os.memfd_create("natports-proxy-handover", 0)
-    os.write(fd, json.dumps(state).encode())
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.set_inheritable(fd, True)
-    return fd
-
-
-def handover_env(fd: int) -> str:
-    return f"{os.getpid()}:{fd}"
-
-
-def take_handover() -> dict[str, Any] | None:
-    """The state our previous incarnation left us, if this process is that re-exec."""
-    value = os.environ.pop(HANDOVER_ENV, None)
-    if not value:
-        return None
-    pid, _, fd_text = value.partition(":")
-    if not pid.isdigit() or int(pid) != os.getpid() or not fd_text.isdigit():
-        return None  # inherited by some other program: not meant for us
-    fd = int(fd_text)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    state = json.loads(b"".join(chunks))
-    assert isinstance(state, dict)
-    return state

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,75 +28,14 @@ from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from natports.proxy.config import parse_config, render_config, write_atomically
 from natports.proxy.control import request
+from tests.e2e.proxy_daemon import ProxyDaemon, answers, proxy, start_proxy
 from tests.infra import ClientNet, Container, Containers, wait_for
+
+__all__ = ["proxy", "start_proxy"]  # fixtures
 
 PORT = 26025  # public ports 26025..26046: below the ephemeral range, no host service involved
 TCP, UDP = Protocol.TCP, Protocol.UDP
 LOOPBACK = ip_address("127.0.0.1")
-
-
-class ProxyDaemon:
-    """`python -m natports.proxy` in a subprocess, with its log kept for failure messages."""
-
-    def __init__(self, state: Path, env: dict[str, str] | None = None) -> None:
-        self.state = state
-        self.log_path = state.parent / f"{state.name}.log"
-        self.backend = ProxyBackend(state)
-        state.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "natports.proxy", "--state-dir", str(state)],
-                stderr=log,
-                env={**os.environ, **(env or {})},
-            )
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the proxy exited {self.proc.returncode}:\n{self.log()}")
-            if _answers(self.backend.socket_path):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"the proxy did not come up:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def apply(self, routes: list[Route]) -> None:
-        self.backend.run(self.backend.plan_reconcile(routes))
-
-    def status(self) -> dict[str, Any]:
-        doc = self.backend.status()
-        assert doc is not None
-        return doc
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyDaemon]]:
-    started: list[ProxyDaemon] = []
-
-    def start(env: dict[str, str] | None = None) -> ProxyDaemon:
-        daemon = ProxyDaemon(tmp_path / f"state{len(started)}", env)
-        started.append(daemon)
-        return daemon
-
-    try:
-        yield start
-    finally:
-        for daemon in started:
-            daemon.stop()
-
-
-@pytest.fixture
-def proxy(start_proxy: Callable[..., ProxyDaemon]) -> ProxyDaemon:
-    return start_proxy()
 
 
 def route(
@@ -121,13 +59,6 @@ def restart(daemon: ProxyDaemon, how: str) -> None:
         assert request(daemon.backend.socket_path, "restart", 10.0).startswith("ok")
     assert wait_for(lambda: _restarts(daemon) == before + 1), daemon.log()
     assert daemon.status()["pid"] == daemon.proc.pid  # in place: systemd's MAINPID stays
-
-
-def _answers(path: Path) -> bool:
-    try:
-        return request(path, "ping", 1.0).startswith("ok")
-    except OSError:
-        return False
 
 
 def _restarts(daemon: ProxyDaemon) -> int | None:
@@ -487,7 +418,7 @@ def test_systemd_socket_activation(
     proc = subprocess.Popen([sys.executable, "-c", launcher], stderr=log)
     try:
         backend = ProxyBackend(state)
-        assert wait_for(lambda: _answers(backend.socket_path)), (tmp_path / "proxy.log").read_text()
+        assert wait_for(lambda: answers(backend.socket_path)), (tmp_path / "proxy.log").read_text()
         assert client_net.connect_once(PORT + 13) == {"tag": "v1"}
         status = backend.status()
         assert status is not None

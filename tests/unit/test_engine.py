@@ -745,3 +745,20 @@ def _route(app: str, port: int) -> Route:
     from tests.unit.routes import route
 
     return route(app, RouteKey(4, TCP, port), 5000, "172.17.0.8")
+
+
+def test_a_kernel_backend_refuses_proxy_protocol_and_other_apps_go_on(world: World) -> None:
+    """Only the proxy can send a PROXY protocol header: on nftables the app is refused
+    (exit 2 for it alone), nothing of it reaches the kernel, and other apps are routed."""
+    store_ports(world, "mail", "25:5025 proxy-protocol\n")
+    world.docker.add(container("m1", "172.17.0.2", app="mail", published=[5025]))
+    deploy(world, "mail", "m1")
+    with pytest.raises(InputError, match="asks for proxy-protocol, which only the proxy"):
+        engine.apply(world.ctx, "mail")
+    assert world.nft.ports() == {}
+    store_ports(world, "shop", "8080:5000\n")
+    world.docker.add(container("s1", "172.17.0.8", app="shop", published=[5000]))
+    deploy(world, "shop", "s1")
+    report = engine.apply(world.ctx)
+    assert "proxy-protocol" in report.failed["mail"]
+    assert world.nft.ports() == {8080: ["172.17.0.8"]}

@@ -150,6 +150,40 @@ def test_a_process_type_of_63_characters_is_fine() -> None:
     assert only(f"{name}: 25:5025").process_type == name
 
 
+def test_proxy_protocol_option() -> None:
+    assert only("25:5025 proxy-protocol") == Mapping(25, 5025, proxy_protocol=True)
+    assert only("worker:\t[2001:db8::7]:53:5053/udp\tproxy-protocol  # dns") == Mapping(
+        53, 5053, UDP, public_ip=ip_address("2001:db8::7"), process_type="worker",
+        proxy_protocol=True,
+    )  # fmt: skip
+    assert only("25:5025 proxy-protocol").to_line() == "25:5025/tcp proxy-protocol"
+    assert only("25:5025").proxy_protocol is False
+    assert Mapping(25, 5025, proxy_protocol=True).to_json()["proxy_protocol"] is True
+    assert "proxy_protocol" not in Mapping(25, 5025).to_json()  # older documents unchanged
+    for m in (Mapping(25, 5025), Mapping(25, 5025, proxy_protocol=True)):
+        assert Mapping.from_json(m.to_json()) == m
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("25:5025 proxy", 'PORTS:1:9: unexpected "proxy" after the mapping'),
+        # errors quote at most a short excerpt of the input
+        ("25:5025 PROXY-PROTOCOL", 'PORTS:1:9: unexpected "PROXY-PROTOC..." after the mapping'),
+        (
+            "25:5025 proxy-protocol proxy-protocol",
+            'PORTS:1:24: unexpected "proxy-protoc..." after the mapping',
+        ),
+        ("25:5025 proxy-protocol x", 'PORTS:1:24: unexpected "x" after the mapping'),
+        ("25:5025proxy-protocol", 'PORTS:1:4: private port "5025proxy" is not a number'),
+        ("25:x proxy-protocol", 'PORTS:1:4: private port "x" is not a number'),
+        ("proxy-protocol", 'PORTS:1:1: expected PUBLIC:PRIVATE, got "proxy-protoc..."'),
+    ],
+)
+def test_proxy_protocol_errors(text: str, expected: str) -> None:
+    assert errors(text) == [expected]
+
+
 def test_located_columns_point_at_the_mapping() -> None:
     result = parse_text("25:5025\n   worker:  26:5026\n")
     assert [(loc.line, loc.col) for loc in result.mappings] == [(1, 1), (2, 13)]
@@ -427,6 +461,7 @@ def valid_mappings(draw: st.DrawFn) -> Mapping:
         count=count,
         public_ip=draw(st.none() | public_ips),
         process_type=draw(process_types),
+        proxy_protocol=draw(st.booleans()),
     )
 
 
@@ -523,6 +558,7 @@ def test_random_text_never_crashes(text: str) -> None:
 # Text made of the grammar's own characters gets much deeper into the parser.
 _TOKENS = [*"0123456789:-/[].#abcdfptuw \t\r\n\ufeff", "tcp", "udp", "65535", "worker: "]
 _TOKENS += ["203.0.113.7", "[2001:db8::7]", "127.0.0.1", "[::1]", "1000-1010", "\r\n"]
+_TOKENS += [" proxy-protocol", "proxy-", " proxy"]
 _noise = st.lists(st.sampled_from(_TOKENS), max_size=6).map("".join)
 
 
