@@ -75,8 +75,26 @@ def render_rows(rows: list[dict[str, object]], agent: dict[str, Any] | None) -> 
     flows = _Family(
         "natports_flows", "gauge", "Live flows (established TCP, UDP) per route and target."
     )
+    proxy_open = _Family(
+        "natports_proxy_open_connections", "gauge", "Open TCP connections through the proxy."
+    )
+    proxy_udp = _Family("natports_proxy_udp_flows", "gauge", "Live UDP flows through the proxy.")
+    proxy_refused = _Family(
+        "natports_proxy_refused_total", "counter", "New work the proxy refused, by cause."
+    )
     per_app: dict[tuple[str, str], int] = {}
     for row in rows:
+        proxied = row.get("proxy")
+        if isinstance(proxied, dict):
+            where = {
+                "app": row["app"],
+                "protocol": row["protocol"],
+                "public_port": row["public_port"],
+            }
+            proxy_open.add(int(proxied.get("open_connections", 0)), **where)
+            proxy_udp.add(int(proxied.get("udp_flows", 0)), **where)
+            for cause, n in sorted(dict(proxied.get("refused") or {}).items()):
+                proxy_refused.add(int(n), **where, cause=cause)
         key = (str(row["app"]), str(row["backend"]))
         per_app[key] = per_app.get(key, 0) + 1
         counts = row.get("flows")
@@ -93,7 +111,7 @@ def render_rows(rows: list[dict[str, object]], agent: dict[str, Any] | None) -> 
                 flows.add(count["udp"], **labels, state="active")
     for (app, backend), n in sorted(per_app.items()):
         routes.add(n, app=app, backend=backend)
-    families = [routes, flows]
+    families = [routes, flows, proxy_open, proxy_udp, proxy_refused]
     up = _Family("natports_agent_up", "gauge", "1 while `natports watch` runs.")
     up.add(1 if agent else 0)
     families.append(up)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .backends.proxy import ProxyBackend
 from .conntrack import Flow, FlowCount, count_flows, local_addresses
 from .context import Context
@@ -22,6 +24,7 @@ def status(ctx: Context) -> list[dict[str, object]]:
         return counters[name]
 
     flows = FlowReader(ctx)
+    proxy_metrics: dict[str, dict[str, Any]] | None = None
     rows: list[dict[str, object]] = []
     for app in ctx.store.applied_apps():
         applied = ctx.store.applied(app)
@@ -30,6 +33,14 @@ def status(ctx: Context) -> list[dict[str, object]]:
         backend = ctx.backend_named(applied.backend)
         for route in applied.routes:
             counts = flows.of(route) if applied.backend != ProxyBackend.name else None
+            proxied = None
+            if isinstance(backend, ProxyBackend):
+                if proxy_metrics is None:
+                    try:
+                        proxy_metrics = backend.route_metrics()
+                    except NatportsError:
+                        proxy_metrics = {}
+                proxied = _proxy_row(backend, route, proxy_metrics)
             found = counters_of(applied.backend).get(backend.route_id(route))
             packets, nbytes = found if found else (None, None)
             rows.append(
@@ -49,9 +60,28 @@ def status(ctx: Context) -> list[dict[str, object]]:
                     "packets": packets,
                     "bytes": nbytes,
                     "flows": None if counts is None else [c.to_json() for c in counts],
+                    "proxy": proxied,
                 }
             )
     return rows
+
+
+def _proxy_row(
+    backend: ProxyBackend, route: Route, metrics: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """What the proxy daemon counts for a route (a range: summed over its ports)."""
+    found = [metrics[i] for r in route.expanded() if (i := backend.route_id(r)) in metrics]
+    if not found:
+        return None
+    refused: dict[str, int] = {}
+    for m in found:
+        for cause, n in m.get("refused", {}).items():
+            refused[cause] = refused.get(cause, 0) + int(n)
+    return {
+        "open_connections": sum(int(m.get("open_connections", 0)) for m in found),
+        "udp_flows": sum(int(m.get("udp_flows", 0)) for m in found),
+        "refused": refused,
+    }
 
 
 class FlowReader:

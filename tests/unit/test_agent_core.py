@@ -275,3 +275,20 @@ def test_a_ranges_flows_are_matched_by_offset() -> None:
         early,
     ]
     assert count_flows([mine], r, LOCAL) == [FlowCount(ip_address("172.17.0.3"), 20000, 0, 1)]
+
+
+def test_proxy_counts_become_metrics() -> None:
+    row: dict[str, object] = {
+        "app": "dns",
+        "backend": "proxy",
+        "protocol": "udp",
+        "public_port": 53,
+        "flows": None,
+        "proxy": {"open_connections": 0, "udp_flows": 4, "refused": {"route_max_udp_flows": 9}},
+    }
+    lines = render_rows([row], None).splitlines()
+    assert 'natports_proxy_udp_flows{app="dns",protocol="udp",public_port="53"} 4' in lines
+    assert (
+        'natports_proxy_refused_total{app="dns",protocol="udp",public_port="53",'
+        'cause="route_max_udp_flows"} 9'
+    ) in lines

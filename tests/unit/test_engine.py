@@ -687,6 +687,7 @@ def test_status_follows_the_documented_schema(world: World) -> None:
         "packets": 12,
         "bytes": 720,
         "flows": [{"ip": "172.17.0.2", "port": 5025, "tcp_established": 1, "udp": 0}],
+        "proxy": None,  # what the proxy daemon counts, for routes it serves
     }
 
 
