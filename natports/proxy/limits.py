@@ -24,11 +24,12 @@ The UDP defaults keep well below the ~28,000 ports of the default ephemeral rang
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import config
+from ..errors import InputError
 from ..model import Protocol, Route
 
 GLOBAL_KEYS = ("max_tcp", "max_udp_flows")
@@ -162,15 +163,9 @@ def read_limits(path: Path | None, udp_idle: float | None = None) -> Limits:
     if path is None:
         return parse_limits({}, udp_idle)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return parse_limits({}, udp_idle)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LimitsError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise LimitsError(f"{path}: {exc}") from None
+        data = config.read(path)  # the one reader of the operator's file
+    except InputError as exc:
+        raise LimitsError("; ".join(exc.problems)) from None
     try:
         return parse_limits(data, udp_idle)
     except LimitsError as exc:
