@@ -98,6 +98,26 @@ class IptablesBackend:
         if fixes:
             self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], fixes)
 
+    def intact(self) -> bool:
+        """Cheap: each built-in chain still jumps to ours (`-C` reads one chain, not the table).
+
+        A missing chain of ours makes its jump impossible, so three checks cover the
+        skeleton; what removes natports' rules in practice removes the jumps too.
+        """
+        binary = shutil.which(f"iptables-{self.variant}", path=self.search_path)
+        if binary is None:
+            return False
+        for builtin, ours in self.layout.hooks():
+            proc = subprocess.run(
+                [binary, f"--wait={LOCK_WAIT_SECONDS}", "-t", "nat", "-C", builtin, "-j", ours],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                return False
+        return True
+
     def _is_flush(self, batch: str) -> bool:
         """Does the batch remove every chain of ours (render_flush_all)?"""
         return batch == ipt_render.render_flush_all(self.layout, self.live())
