@@ -180,6 +180,36 @@ def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> d
     }
 
 
+def paired(small: int, large: int, rounds: int = 40) -> dict[str, Any]:
+    """Switches alternating between a table of `small` and one of `large` routes.
+
+    Load from other work on the machine hits both sides alike, so their ratio is
+    the cost of the table's size alone.
+    """
+    tables = {small: NftBackend(TABLE), large: NftBackend(f"{TABLE}_large")}
+    pair = [switched("172.31.0.2"), switched("172.31.0.3")]
+    times: dict[int, list[float]] = {small: [], large: []}
+    try:
+        for size, nft in tables.items():
+            nft.run(nft.plan_flush_all())
+            nft.run(nft.plan_reconcile([*filler(size), *pair[0]]))
+        for i in range(rounds):
+            for size, nft in tables.items():
+                batch = nft.plan_app(pair[i % 2], pair[(i + 1) % 2])
+                times[size].append(timed(nft, batch))
+    finally:
+        for nft in tables.values():
+            nft.run(nft.plan_flush_all())
+    a, b = statistics.median(times[small]), statistics.median(times[large])
+    return {
+        "small": small,
+        "large": large,
+        "small_ms": round(a, 2),
+        "large_ms": round(b, 2),
+        "ratio": round(b / a, 3),
+    }
+
+
 def run_all(nft: NftBackend, renderer: Renderer, sizes: Sequence[int]) -> list[dict[str, Any]]:
     rows = [measure(nft, renderer, size) for size in sizes]
     rows.append(measure(nft, renderer, sizes[-1], RANGE))
@@ -255,8 +285,19 @@ def main() -> None:
     )
     parser.add_argument("--png", type=Path, help="draw the figures into this PNG")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument(
+        "--paired", action="store_true", help="only: switches alternating 1 / 30,000 routes"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.paired:
+        result = paired(sizes[0], sizes[-1])
+        print(
+            f"switch batch, alternating: {result['small']} routes {result['small_ms']} ms, "
+            f"{result['large']} routes {result['large_ms']} ms, ratio {result['ratio']}"
+        )
+        print(json.dumps({"bench": "switch-paired", **result}))
+        return
     nft = NftBackend(TABLE)
     renderers = [current()]
     if args.compare:

@@ -382,3 +382,11 @@ def test_a_shifted_range_is_one_chain_and_reaches_each_port(
     for offset in range(3):
         assert client_net.connect_once(25300 + offset) == {"tag": f"p{27300 + offset}"}
     assert ipt.counters()[ipt.route_id(rng)][0] >= 3
+
+
+def test_intact_sees_the_hooks(ipt: IptablesBackend) -> None:
+    assert not ipt.intact()
+    ipt.run(ipt.plan_app([], [route("mail", 25027, ("172.30.0.2", 5025))]))
+    assert ipt.intact()
+    sh(f"iptables-{ipt.variant}", "-t", "nat", "-D", "OUTPUT", "-j", f"{PREFIX}-OUT")
+    assert not ipt.intact()

@@ -205,14 +205,20 @@ def test_a_jump_missing_after_the_batch_is_put_back(bin_dir: Path, root_caps: No
     backend.run("*nat\nCOMMIT\n")
     assert len(restore.calls) == 2
     assert "-I PREROUTING" in restore.stdin(2) or "-A PREROUTING" in restore.stdin(2)
-    assert backend.intact() is False
 
 
 def test_intact_counters_and_plans_read_our_chains(bin_dir: Path, root_caps: None) -> None:
     backend = IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
     chain = backend.route_id(MAIL)
     FakeTool(bin_dir, "iptables-nft-save").answer(None, out=save_text("NPTEST", route_chain=chain))
+    check = FakeTool(bin_dir, "iptables-nft")  # `-C`: each built-in chain still jumps to ours
     assert backend.intact() is True
+    assert check.calls == [
+        f"--wait={LOCK_WAIT_SECONDS} -t nat -C {builtin} -j NPTEST-{ours}"
+        for builtin, ours in (("PREROUTING", "PRE"), ("OUTPUT", "OUT"), ("POSTROUTING", "POST"))
+    ]
+    check.answer(None, err="iptables: Bad rule (does a matching rule exist in that chain?).", rc=1)
+    assert backend.intact() is False
     assert backend.counters() == {chain: (2, 120)}
     assert chain in backend.plan_app([], [MAIL])
     assert chain in backend.plan_reconcile([MAIL])
