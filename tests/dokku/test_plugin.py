@@ -287,6 +287,24 @@ def test_image_deploys_read_ports_from_the_image_and_a_later_push_from_git(
         sh("docker", "rmi", image, check=False)
 
 
+def test_an_image_whose_ports_is_a_symlink_is_refused(
+    dokku: DokkuHost, client_net: ClientNet, tmp_path: Path
+) -> None:
+    link = tmp_path / "PORTS"
+    link.symlink_to("/etc/shadow")
+    base = sh("docker", "create", "--pull", "never", "natports-echod:test", "x", "1").stdout.strip()
+    image = f"natports-test-src:{base[:12]}"
+    try:
+        sh("docker", "cp", str(link), f"{base}:/PORTS")  # docker cp keeps the link itself
+        sh("docker", "commit", base, image)
+        result = dokku.git_from_image("mail", "v1", image)
+        assert not result.ok and result.created == 0
+        assert "/PORTS in the image is not a regular file" in result.output
+    finally:
+        sh("docker", "rm", "-f", base, check=False)
+        sh("docker", "rmi", image, check=False)
+
+
 def test_build_dir_is_honoured(dokku: DokkuHost, client_net: ClientNet) -> None:
     dokku.build_dirs["mail"] = "server"
     files = {"PORTS": f"{PORT + 9}:5025\n", "server/PORTS": f"{PORT}:5025\n"}
