@@ -38,6 +38,16 @@ from tests.infra import NFT_TABLE, TEST_IMAGE, sh
 
 REPO = Path(__file__).resolve().parents[2]
 USER = "dokku"
+# natports' runtime dependencies and theirs, copied into the harness's venv
+RUNTIME_PACKAGES = (
+    "click",
+    "docker",
+    "requests",
+    "urllib3",
+    "idna",
+    "certifi",
+    "charset_normalizer",
+)
 
 PLUGN = r"""#!/usr/bin/env bash
 # Stand-in for plugn: `plugn trigger NAME ARGS...` runs NAME of every enabled plugin in
@@ -187,6 +197,7 @@ class DokkuHost:
                 (folder / trigger).write_text(text)
                 (folder / trigger).chmod(0o755)
             (self.plugins / "enabled" / name).symlink_to(folder)
+        self._venv()
         self._installer("install-dokku-plugin")
 
     def install_again(self) -> None:
@@ -208,35 +219,32 @@ class DokkuHost:
     def _venv(self) -> Path:
         """A venv the dokku user can run (read-source runs as dokku, not through sudo).
 
-        The test venv's interpreter may live where dokku cannot go (/root/.pyenv), so this
-        one is made from the system python and sees the test venv's packages and the repo.
+        The test venv's interpreter or the checkout may live where dokku cannot go
+        (/root/.pyenv, a clone under /root), so this one is made from the system python
+        with copies of natports and its runtime dependencies, as the installer's pip would.
         """
         venv = self.base / "venv"
-        if not venv.exists():
-            python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-            sh(python, "-m", "venv", "--without-pip", str(venv))
-            site = sh(
-                str(venv / "bin" / "python"),
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('purelib'))",
-            ).stdout.strip()
-            ours = sh(
-                sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
-            ).stdout.strip()
-            Path(site, "natports-test.pth").write_text(f"{REPO}\n{ours}\n")
-            script = venv / "bin" / "natports"
-            script.write_text(
-                f"#!{venv}/bin/python\nimport sys\nfrom natports.cli import main\n"
-                "sys.exit(main())\n"
-            )
-            script.chmod(0o755)
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        sh(python, "-m", "venv", "--without-pip", str(venv))
+        query = "import sysconfig; print(sysconfig.get_path('purelib'))"
+        site = Path(sh(str(venv / "bin" / "python"), "-c", query).stdout.strip())
+        ours = Path(sh(sys.executable, "-c", query).stdout.strip())
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / "natports", site / "natports", ignore=skip)
+        for name in RUNTIME_PACKAGES:
+            shutil.copytree(ours / name, site / name, ignore=skip)
+        script = venv / "bin" / "natports"
+        script.write_text(
+            f"#!{venv}/bin/python\nimport sys\nfrom natports.cli import main\nsys.exit(main())\n"
+        )
+        script.chmod(0o755)
         return venv
 
     def _installer(self, script: str, *args: str) -> None:
         env = {
             **os.environ,
             **self._env(),
-            "NATPORTS_VENV": str(self._venv()),
+            "NATPORTS_VENV": str(self.base / "venv"),
             "NATPORTS_SKIP_PIP": "1",
             "NATPORTS_HELPER": str(self.helper),
             "NATPORTS_SUDOERS": str(self.sudoers),
