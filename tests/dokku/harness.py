@@ -93,11 +93,13 @@ esac
 
 # Dokku's ports plugin, as far as natports meets it (plugins/ports/triggers.go).
 PORTS_PLUGIN = {
-    # :50-58: the configured map, else the detected one
+    # :50-58: the configured map, else the detected one, which is never empty
+    # (functions.go:104-126: http:80:5000 when nothing was detected)
     "ports-get": r"""#!/usr/bin/env bash
 d="$DOKKU_LIB_ROOT/config/ports/$1"
 if [[ -s "$d/map" ]]; then cat "$d/map"
-elif [[ -s "$d/map-detected" ]]; then cat "$d/map-detected"; fi
+elif [[ -s "$d/map-detected" ]]; then cat "$d/map-detected"
+else echo "http:80:5000"; fi
 """,
     # :102-115: any other key prints the property file as it is (fmt.Println adds a newline)
     "ports-get-property": r"""#!/usr/bin/env bash

@@ -220,6 +220,20 @@ def test_a_ports_clear_that_drops_map_entries_is_reported(
     assert tags(client_net, PORT + 8) == {"refused"}
 
 
+def test_with_a_proxy_other_than_nginx_post_deploy_alone_moves_the_routes(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """caddy, haproxy, traefik: no proxy-build-config during deploys at all."""
+    proxy = dokku.lib_root / "config" / "proxy"
+    proxy.mkdir(parents=True)
+    (proxy / "mail").write_text("caddy\n")
+    assert dokku.ports_get("mail") == ["http:80:5000"]  # never empty, even before a build
+    assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
+    second = dokku.git_push("mail", "v2", {"PORTS": f"{PORT}:5025\n"})
+    assert second.ok, second.output
+    assert tags(client_net, PORT, 5) == {"v2.web.1"}
+
+
 def test_stop_stops_routing_before_the_containers_stop(
     dokku: DokkuHost, client_net: ClientNet
 ) -> None:
