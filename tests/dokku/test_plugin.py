@@ -319,6 +319,18 @@ def test_an_image_whose_ports_is_a_symlink_is_refused(
         sh("docker", "rmi", image, check=False)
 
 
+def test_a_rebuild_whose_source_image_is_gone_keeps_the_current_ports(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """ps:rebuild after the source image was pruned: the build pulls it again, natports
+    cannot look inside: the app keeps its PORTS, and the build is not failed for it."""
+    assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
+    rebuilt = dokku.git_from_image("mail", "v2", "natports-test-src:pruned-long-ago")
+    assert rebuilt.ok, rebuilt.output
+    assert "cannot read PORTS from image natports-test-src:pruned-long-ago" in rebuilt.output
+    assert tags(client_net, PORT) == {"v2.web.1"}
+
+
 def test_build_dir_is_honoured(dokku: DokkuHost, client_net: ClientNet) -> None:
     dokku.build_dirs["mail"] = "server"
     files = {"PORTS": f"{PORT + 9}:5025\n", "server/PORTS": f"{PORT}:5025\n"}
