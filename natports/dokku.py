@@ -120,7 +120,7 @@ def read_ports_from_image(ctx: engine.Context, image: str) -> bytes | None:
     client = ctx.docker().client
     try:
         return _ports_from_image(client, image)
-    except (NatportsError, InputError):
+    except (NatportsError, InputError):  # a refused PORTS stays a refusal
         raise
     except Exception as exc:  # the SDK and requests raise many kinds
         raise NatportsError(f"cannot read PORTS from image {image}: {exc}") from None

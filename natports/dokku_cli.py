@@ -17,7 +17,7 @@ from . import dokku as use
 from . import engine
 from .cli_support import handles_errors
 from .containers import AppProblem
-from .errors import InputError
+from .errors import InputError, NatportsError
 from .model import is_valid_app_name
 from .spec import MAX_PORTS_BYTES, excerpt
 
@@ -97,7 +97,20 @@ def stage(
         text = sys.stdin.buffer.read(MAX_PORTS_BYTES + 1)
     if text is None and not image and _ignored(app):
         return
-    staged = use.stage(ctx, app, build, text, image)
+    try:
+        staged = use.stage(ctx, app, build, text, image)
+    except NatportsError as exc:
+        if image is None:
+            raise
+        # e.g. ps:rebuild after the source image was pruned (the build pulls it again):
+        # natports cannot tell, so the app keeps the PORTS it has; never a failed build.
+        use.discard_stage(ctx, app)
+        click.echo(
+            f"natports: {app}: warning: cannot read PORTS from image {image} "
+            f"({exc.message}); the app keeps its current PORTS",
+            err=True,
+        )
+        return
     found = "no PORTS file" if staged.ports_file is None else f"PORTS: {len(staged.ports_file)}"
     click.echo(f"natports: {app}: {found} mapping(s) checked for this deploy")
 

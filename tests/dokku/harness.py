@@ -38,6 +38,16 @@ from tests.infra import NFT_TABLE, TEST_IMAGE, sh
 
 REPO = Path(__file__).resolve().parents[2]
 USER = "dokku"
+# natports' runtime dependencies and theirs, copied into the harness's venv
+RUNTIME_PACKAGES = (
+    "click",
+    "docker",
+    "requests",
+    "urllib3",
+    "idna",
+    "certifi",
+    "charset_normalizer",
+)
 
 PLUGN = r"""#!/usr/bin/env bash
 # Stand-in for plugn: `plugn trigger NAME ARGS...` runs NAME of every enabled plugin in
@@ -83,11 +93,13 @@ esac
 
 # Dokku's ports plugin, as far as natports meets it (plugins/ports/triggers.go).
 PORTS_PLUGIN = {
-    # :50-58: the configured map, else the detected one
+    # :50-58: the configured map, else the detected one, which is never empty
+    # (functions.go:104-126: http:80:5000 when nothing was detected)
     "ports-get": r"""#!/usr/bin/env bash
 d="$DOKKU_LIB_ROOT/config/ports/$1"
 if [[ -s "$d/map" ]]; then cat "$d/map"
-elif [[ -s "$d/map-detected" ]]; then cat "$d/map-detected"; fi
+elif [[ -s "$d/map-detected" ]]; then cat "$d/map-detected"
+else echo "http:80:5000"; fi
 """,
     # :102-115: any other key prints the property file as it is (fmt.Println adds a newline)
     "ports-get-property": r"""#!/usr/bin/env bash
@@ -190,6 +202,7 @@ class DokkuHost:
                 (folder / trigger).write_text(text)
                 (folder / trigger).chmod(0o755)
             (self.plugins / "enabled" / name).symlink_to(folder)
+        self._venv()
         self._installer("install-dokku-plugin")
 
     def install_again(self) -> None:
@@ -211,35 +224,32 @@ class DokkuHost:
     def _venv(self) -> Path:
         """A venv the dokku user can run (read-source runs as dokku, not through sudo).
 
-        The test venv's interpreter may live where dokku cannot go (/root/.pyenv), so this
-        one is made from the system python and sees the test venv's packages and the repo.
+        The test venv's interpreter or the checkout may live where dokku cannot go
+        (/root/.pyenv, a clone under /root), so this one is made from the system python
+        with copies of natports and its runtime dependencies, as the installer's pip would.
         """
         venv = self.base / "venv"
-        if not venv.exists():
-            python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-            sh(python, "-m", "venv", "--without-pip", str(venv))
-            site = sh(
-                str(venv / "bin" / "python"),
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('purelib'))",
-            ).stdout.strip()
-            ours = sh(
-                sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"
-            ).stdout.strip()
-            Path(site, "natports-test.pth").write_text(f"{REPO}\n{ours}\n")
-            script = venv / "bin" / "natports"
-            script.write_text(
-                f"#!{venv}/bin/python\nimport sys\nfrom natports.cli import main\n"
-                "sys.exit(main())\n"
-            )
-            script.chmod(0o755)
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        sh(python, "-m", "venv", "--without-pip", str(venv))
+        query = "import sysconfig; print(sysconfig.get_path('purelib'))"
+        site = Path(sh(str(venv / "bin" / "python"), "-c", query).stdout.strip())
+        ours = Path(sh(sys.executable, "-c", query).stdout.strip())
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / "natports", site / "natports", ignore=skip)
+        for name in RUNTIME_PACKAGES:
+            shutil.copytree(ours / name, site / name, ignore=skip)
+        script = venv / "bin" / "natports"
+        script.write_text(
+            f"#!{venv}/bin/python\nimport sys\nfrom natports.cli import main\nsys.exit(main())\n"
+        )
+        script.chmod(0o755)
         return venv
 
     def _installer(self, script: str, *args: str) -> None:
         env = {
             **os.environ,
             **self._env(),
-            "NATPORTS_VENV": str(self._venv()),
+            "NATPORTS_VENV": str(self.base / "venv"),
             "NATPORTS_SKIP_PIP": "1",
             "NATPORTS_HELPER": str(self.helper),
             "NATPORTS_SUDOERS": str(self.sudoers),

@@ -228,6 +228,20 @@ def test_a_ports_clear_that_drops_map_entries_is_reported(
     assert tags(client_net, PORT + 8) == {"refused"}
 
 
+def test_with_a_proxy_other_than_nginx_post_deploy_alone_moves_the_routes(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """caddy, haproxy, traefik: no proxy-build-config during deploys at all."""
+    proxy = dokku.lib_root / "config" / "proxy"
+    proxy.mkdir(parents=True)
+    (proxy / "mail").write_text("caddy\n")
+    assert dokku.ports_get("mail") == ["http:80:5000"]  # never empty, even before a build
+    assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
+    second = dokku.git_push("mail", "v2", {"PORTS": f"{PORT}:5025\n"})
+    assert second.ok, second.output
+    assert tags(client_net, PORT, 5) == {"v2.web.1"}
+
+
 def test_stop_stops_routing_before_the_containers_stop(
     dokku: DokkuHost, client_net: ClientNet
 ) -> None:
@@ -293,6 +307,36 @@ def test_image_deploys_read_ports_from_the_image_and_a_later_push_from_git(
     finally:
         sh("docker", "rm", "-f", base, check=False)
         sh("docker", "rmi", image, check=False)
+
+
+def test_an_image_whose_ports_is_a_symlink_is_refused(
+    dokku: DokkuHost, client_net: ClientNet, tmp_path: Path
+) -> None:
+    link = tmp_path / "PORTS"
+    link.symlink_to("/etc/shadow")
+    base = sh("docker", "create", "--pull", "never", "natports-echod:test", "x", "1").stdout.strip()
+    image = f"natports-test-src:{base[:12]}"
+    try:
+        sh("docker", "cp", str(link), f"{base}:/PORTS")  # docker cp keeps the link itself
+        sh("docker", "commit", base, image)
+        result = dokku.git_from_image("mail", "v1", image)
+        assert not result.ok and result.created == 0
+        assert "/PORTS in the image is not a regular file" in result.output
+    finally:
+        sh("docker", "rm", "-f", base, check=False)
+        sh("docker", "rmi", image, check=False)
+
+
+def test_a_rebuild_whose_source_image_is_gone_keeps_the_current_ports(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """ps:rebuild after the source image was pruned: the build pulls it again, natports
+    cannot look inside: the app keeps its PORTS, and the build is not failed for it."""
+    assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
+    rebuilt = dokku.git_from_image("mail", "v2", "natports-test-src:pruned-long-ago")
+    assert rebuilt.ok, rebuilt.output
+    assert "cannot read PORTS from image natports-test-src:pruned-long-ago" in rebuilt.output
+    assert tags(client_net, PORT) == {"v2.web.1"}
 
 
 def test_build_dir_is_honoured(dokku: DokkuHost, client_net: ClientNet) -> None:
