@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from . import dokku as use
-from . import engine
+from . import build_source, engine
+from . import dokku as plugin
 from .cli_support import handles_errors
 from .containers import AppProblem
 from .errors import InputError, NatportsError
@@ -69,7 +69,7 @@ def read_source(work_dir: Path) -> None:
         click.echo("natports: read-source runs as the dokku user, never as root", err=True)
         sys.exit(2)
     try:
-        source = use.read_build_source(work_dir)
+        source = build_source.read_build_source(work_dir)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(problem, err=True)
@@ -98,13 +98,13 @@ def stage(
     if text is None and not image and _ignored(app):
         return
     try:
-        staged = use.stage(ctx, app, build, text, image)
+        staged = plugin.stage(ctx, app, build, text, image)
     except NatportsError as exc:
         if image is None:
             raise
         # e.g. ps:rebuild after the source image was pruned (the build pulls it again):
         # natports cannot tell, so the app keeps the PORTS it has; never a failed build.
-        use.discard_stage(ctx, app)
+        plugin.discard_stage(ctx, app)
         click.echo(
             f"natports: {app}: warning: cannot read PORTS from image {image} "
             f"({exc.message}); the app keeps its current PORTS",
@@ -128,7 +128,7 @@ def docker_args(
     """docker-args-process-deploy: publish each private port on loopback only."""
     if _ignored(app):
         return
-    args = use.docker_args(ctx, app, process_type, build or None, check)
+    args = plugin.docker_args(ctx, app, process_type, build or None, check)
     if args:
         click.echo(" ".join(args))
 
@@ -149,7 +149,7 @@ def post_deploy(ctx: engine.Context, app: str, ports_map: str | None, build: str
     if _ignored(app):
         return
     try:
-        report, warnings = use.promote(ctx, app, _map(ports_map), build or None)
+        report, warnings = plugin.promote(ctx, app, _map(ports_map), build or None)
     except InputError as exc:
         for problem in exc.problems:
             click.echo(f"natports: {app}: {problem}", err=True)
@@ -157,7 +157,7 @@ def post_deploy(ctx: engine.Context, app: str, ports_map: str | None, build: str
             f"natports: {app}: the new PORTS is not live; the previous one stays in effect",
             err=True,
         )
-        use.discard_stage(ctx, app)
+        plugin.discard_stage(ctx, app)
         _reapply_quietly(ctx, app)
         return
     except AppProblem as exc:
@@ -171,7 +171,7 @@ def post_deploy(ctx: engine.Context, app: str, ports_map: str | None, build: str
 def _reapply_quietly(ctx: engine.Context, app: str) -> None:
     """The previous mappings, routed to the current containers if they can be."""
     try:
-        if use.reapply(ctx, app) is not None:
+        if plugin.reapply(ctx, app) is not None:
             click.echo(f"natports: {app}: its previous PORTS now goes to the new containers")
     except AppProblem as exc:
         click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
@@ -190,7 +190,7 @@ def ports_update(ctx: engine.Context, app: str, ports_map: str) -> None:
     if _ignored(app):
         return
     try:
-        report, warnings = use.promote(ctx, app, _map(ports_map))
+        report, warnings = plugin.promote(ctx, app, _map(ports_map))
         _warn(app, warnings)
     except AppProblem as exc:
         click.echo(f"natports: {app}: map stored; not routed yet: {exc.message}", err=True)
@@ -214,10 +214,10 @@ def reapply(ctx: engine.Context, app: str, build: str | None) -> None:
     scheduler-post-deploy-process:21, core-post-deploy:17). During a build's deploy the
     new PORTS is not live yet: its post-deploy moves the routes, not this.
     """
-    if build and use.build_in_progress(ctx, app, build):
+    if build and plugin.build_in_progress(ctx, app, build):
         return
     try:
-        if use.reapply(ctx, app) is not None:
+        if plugin.reapply(ctx, app) is not None:
             click.echo(f"natports: {app}: routed to the current containers")
     except AppProblem as exc:
         click.echo(f"natports: {app}: kept its previous routes: {exc.message}", err=True)
@@ -232,7 +232,7 @@ def stop(ctx: engine.Context, app: str) -> None:
     """scheduler-stop, post-stop: stop routing the app; its mappings stay for the next start."""
     if _ignored(app):
         return
-    use.stop(ctx, app)
+    plugin.stop(ctx, app)
 
 
 @dokku.command()
@@ -243,7 +243,7 @@ def delete(ctx: engine.Context, app: str) -> None:
     """post-delete: the app's rules, mappings and sources go."""
     if _ignored(app):
         return
-    use.delete(ctx, app)
+    plugin.delete(ctx, app)
 
 
 @dokku.command("flush-all")
@@ -263,7 +263,7 @@ def rename(ctx: engine.Context, old: str, new: str) -> None:
     """post-app-rename-setup: mappings follow the new name; the old name's rules go."""
     if _ignored(old, new):
         return
-    use.rename(ctx, old, new)
+    plugin.rename(ctx, old, new)
 
 
 @dokku.command()
@@ -290,8 +290,8 @@ def report(ctx: engine.Context, app: str | None, fmt: str) -> None:
     """natports:report: mappings, their sources, current backends, backend kind."""
     if app is not None and _ignored(app):
         return
-    apps = [app] if app else use.known_apps(ctx)
-    reports = [use.report(ctx, name) for name in apps]
+    apps = [app] if app else plugin.known_apps(ctx)
+    reports = [plugin.report(ctx, name) for name in apps]
     if fmt == "json":
         click.echo(json.dumps(reports[0] if app else reports, indent=2))
         return
@@ -321,6 +321,6 @@ def report(ctx: engine.Context, app: str | None, fmt: str) -> None:
 @handles_errors
 def list_apps(ctx: engine.Context) -> None:
     """natports:list: every app with mappings, and what it maps."""
-    for app in use.known_apps(ctx):
+    for app in plugin.known_apps(ctx):
         mappings = ctx.store.mappings(app) or ()
         click.echo(f"{app}\t{' '.join(m.to_line() for m in mappings)}")

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from natports.dokku import (
+from natports.build_source import (
     MAX_DOCKERFILE_BYTES,
     BuildSource,
-    _build_alive,
-    build_key,
     image_of_dockerfile,
     read_build_source,
 )
+from natports.dokku import _build_alive, build_key
 from natports.errors import InputError
 from natports.spec import MAX_PORTS_BYTES
 

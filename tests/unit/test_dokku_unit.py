@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from natports import dokku
+from natports import build_source, dokku
 from natports.cli import main
 from natports.containers import AppProblem
 from natports.errors import InputError, NatportsError
@@ -253,9 +253,9 @@ def test_ports_is_read_from_the_images_working_directory_then_app(world: World) 
     assert staged.ports_file == (Mapping(25, 5025),)
     world.docker.images["mail:v3"] = {"/srv/PORTS": b"26:5025\n", "/app/PORTS": b"27:1\n"}
     world.docker.workdirs["mail:v3"] = "/srv"
-    assert dokku.read_ports_from_image(world.ctx, "mail:v3") == b"26:5025\n"
+    assert build_source.read_ports_from_image(world.ctx, "mail:v3") == b"26:5025\n"
     world.docker.images["mail:v4"] = {}
-    assert dokku.read_ports_from_image(world.ctx, "mail:v4") is None
+    assert build_source.read_ports_from_image(world.ctx, "mail:v4") is None
     assert sorted(world.docker.api.removed) == sorted(world.docker.api.created)  # cleaned up
 
 
@@ -263,7 +263,7 @@ def test_a_bad_image_is_refused(world: World) -> None:
     with pytest.raises(InputError, match="not an image reference"):
         dokku.stage(world.ctx, "mail", BUILD, None, image="mail;rm")
     with pytest.raises(NatportsError, match="cannot read PORTS from image nope"):
-        dokku.read_ports_from_image(world.ctx, "nope")
+        build_source.read_ports_from_image(world.ctx, "nope")
 
 
 def tar_of(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
@@ -318,7 +318,7 @@ def test_a_ports_in_an_image_that_is_not_a_small_regular_file_is_refused(
 ) -> None:
     world.docker.api = ArchiveApi(archive)  # type: ignore[assignment]
     with pytest.raises(InputError, match=why):
-        dokku.read_ports_from_image(world.ctx, "mail:v2")
+        build_source.read_ports_from_image(world.ctx, "mail:v2")
 
 
 def test_a_refused_image_ports_fails_the_build_and_leaves_no_stage(
@@ -333,7 +333,7 @@ def test_a_refused_image_ports_fails_the_build_and_leaves_no_stage(
 
 def test_an_empty_archive_means_no_ports(world: World) -> None:
     world.docker.api = ArchiveApi([b"\0" * 1024])  # type: ignore[assignment]
-    assert dokku.read_ports_from_image(world.ctx, "mail:v2") is None
+    assert build_source.read_ports_from_image(world.ctx, "mail:v2") is None
 
 
 # -- the build's work dir, read as the dokku user ----------------------------------------------
@@ -342,35 +342,35 @@ def test_an_empty_archive_means_no_ports(world: World) -> None:
 def test_read_build_source(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    assert dokku.read_build_source(work) == dokku.BuildSource(None, None)
+    assert build_source.read_build_source(work) == build_source.BuildSource(None, None)
     (work / "Dockerfile").write_text(
         "FROM mail:v2\nLABEL com.dokku.docker-image-labeler/alternate-tags=[]\n"
     )
-    assert dokku.read_build_source(work) == dokku.BuildSource(None, "mail:v2")
+    assert build_source.read_build_source(work) == build_source.BuildSource(None, "mail:v2")
     (work / "PORTS").write_text("25:5025\n")
-    assert dokku.read_build_source(work) == dokku.BuildSource(b"25:5025\n", None)
+    assert build_source.read_build_source(work) == build_source.BuildSource(b"25:5025\n", None)
     (work / "PORTS").unlink()
     (work / "PORTS").symlink_to(tmp_path / "secret")
     with pytest.raises(InputError, match="symbolic link"):
-        dokku.read_build_source(work)
+        build_source.read_build_source(work)
     (work / "PORTS").unlink()
     os.mkfifo(work / "PORTS")
     with pytest.raises(InputError, match="not a regular file"):
-        dokku.read_build_source(work)
+        build_source.read_build_source(work)
     (work / "PORTS").unlink()
     (work / "PORTS").write_bytes(b"#" * (65 * 1024))
     with pytest.raises(InputError, match="larger than"):
-        dokku.read_build_source(work)
+        build_source.read_build_source(work)
     with pytest.raises(InputError, match="cannot open the build's work dir"):
-        dokku.read_build_source(tmp_path / "missing")
+        build_source.read_build_source(tmp_path / "missing")
 
 
 def test_a_dockerfile_that_is_not_a_small_regular_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "Dockerfile").symlink_to("/etc/passwd")
-    assert dokku.read_build_source(tmp_path) == dokku.BuildSource(None, None)
+    assert build_source.read_build_source(tmp_path) == build_source.BuildSource(None, None)
     (tmp_path / "Dockerfile").unlink()
     (tmp_path / "Dockerfile").mkdir()
-    assert dokku.read_build_source(tmp_path) == dokku.BuildSource(None, None)
+    assert build_source.read_build_source(tmp_path) == build_source.BuildSource(None, None)
 
 
 def test_docker_args_of_an_unknown_app_publish_nothing(world: World) -> None:
@@ -379,9 +379,9 @@ def test_docker_args_of_an_unknown_app_publish_nothing(world: World) -> None:
 
 def test_image_of_dockerfile_needs_dokkus_two_lines() -> None:
     label = b"LABEL com.dokku.docker-image-labeler/alternate-tags=[]\n"
-    assert dokku.image_of_dockerfile(b"FROM a/b:1\n" + label) == "a/b:1"
-    assert dokku.image_of_dockerfile(b"FROM a/b:1\n") is None
-    assert dokku.image_of_dockerfile(b"FROM a b\n" + label) is None
+    assert build_source.image_of_dockerfile(b"FROM a/b:1\n" + label) == "a/b:1"
+    assert build_source.image_of_dockerfile(b"FROM a/b:1\n") is None
+    assert build_source.image_of_dockerfile(b"FROM a b\n" + label) is None
 
 
 # -- `natports dokku ...` ----------------------------------------------------------------------
