@@ -41,7 +41,7 @@ from .errors import NatportsError
 from .listeners import host_listeners
 from .metrics import AgentCounters
 from .model import Protocol
-from .policy import Listener
+from .policy import HostListener
 
 HEARTBEAT = "agent.json"
 TICK = 0.1  # how often /proc is looked at while Docker is away
@@ -352,7 +352,7 @@ def agent_state(state_dir: Path, max_age: float = 5.0) -> dict[str, Any] | None:
     return data if alive and fresh else None
 
 
-def routed_listener_conflicts(ctx: engine.Context, listeners: Iterable[Listener]) -> list[str]:
+def routed_listener_conflicts(ctx: engine.Context, listeners: Iterable[HostListener]) -> list[str]:
     """A line for each host listener on a port natports routes for an app."""
     lines: list[str] = []
     listeners = list(listeners)

@@ -80,7 +80,7 @@ def main(
     except InputError as exc:
         raise click.UsageError("; ".join(exc.problems)) from None
     ctx.obj = engine.Context(
-        Store(state_dir), dokku_root, config_path, nft_table=nft_table, backend_choice=choice
+        Store(state_dir), dokku_root, config_path, owned_name=nft_table, backend_choice=choice
     )
 
 
@@ -311,7 +311,7 @@ def doctor(ctx: engine.Context, as_json: bool) -> None:
     """What this host offers natports, which backend `auto` picks and why."""
     from . import doctor as probes
 
-    checks, chosen, why, works = probes.run_all(ctx.store.root, ctx.nft_table.upper())
+    checks, chosen, why, works = probes.run_all(ctx.store.root, ctx.owned_name.upper())
     if as_json:
         click.echo(
             json.dumps(

@@ -21,7 +21,7 @@ class Context:
     store: Store
     dokku_root: Path
     config_path: Path
-    nft_table: str  # natports' nft table, and (upper-cased) its iptables chain prefix
+    owned_name: str  # natports' nft table, and (upper-cased) its iptables chain prefix
     backend_choice: str  # a backend name, or "auto"
     _docker: Docker | None = None
     _resolved: str | None = None
@@ -49,5 +49,5 @@ class Context:
 
     def backend_named(self, name: str) -> RouteBackend:
         if name not in self._backends:
-            self._backends[name] = select.make(name, self.nft_table, self.store.root)
+            self._backends[name] = select.make(name, self.owned_name, self.store.root)
         return self._backends[name]

@@ -7,15 +7,15 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from .model import IPAddress, Protocol
-from .policy import Listener
+from .policy import HostListener
 
 _TCP_LISTEN = "0A"
 _UDP_UNCONNECTED = "07"
 
 
-def host_listeners(proc: Path = Path("/proc")) -> list[Listener]:
+def host_listeners(proc: Path = Path("/proc")) -> list[HostListener]:
     owners = _socket_owners(proc)
-    found: list[Listener] = []
+    found: list[HostListener] = []
     for name, protocol, state in (
         ("tcp", Protocol.TCP, _TCP_LISTEN),
         ("tcp6", Protocol.TCP, _TCP_LISTEN),
@@ -36,7 +36,9 @@ def host_listeners(proc: Path = Path("/proc")) -> list[Listener]:
                 continue  # a connected UDP socket is a client, not a server
             ip = _decode_addr(local_hex)
             port = int(port_hex, 16)
-            found.append(Listener(protocol, ip, port, owners.get(fields[9], "an unknown process")))
+            found.append(
+                HostListener(protocol, ip, port, owners.get(fields[9], "an unknown process"))
+            )
     return found
 
 

@@ -62,7 +62,7 @@ class Policy:
 
 
 @dataclass(frozen=True)
-class Listener:
+class HostListener:
     """A host socket that accepts on a port (TCP LISTEN, or a bound unconnected UDP socket)."""
 
     protocol: Protocol
@@ -139,7 +139,7 @@ def check_conflicts(
 
 
 def check_policy(
-    located: Sequence[Located], policy: Policy, listeners: Iterable[Listener]
+    located: Sequence[Located], policy: Policy, listeners: Iterable[HostListener]
 ) -> list[SpecError]:
     listeners = list(listeners)
     errors: list[SpecError] = []
@@ -150,7 +150,7 @@ def check_policy(
     return errors
 
 
-def _policy_problem(mapping: Mapping, policy: Policy, listeners: list[Listener]) -> str | None:
+def _policy_problem(mapping: Mapping, policy: Policy, listeners: list[HostListener]) -> str | None:
     proto = mapping.protocol
     for public, _ in mapping.ports():
         if any(r.covers(proto, public) for r in policy.refused):

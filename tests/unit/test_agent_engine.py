@@ -10,7 +10,7 @@ from pathlib import Path
 from natports import engine
 from natports.agent import Agent, Watched, process_start_time, routed_listener_conflicts
 from natports.model import Protocol, RouteKey
-from natports.policy import Listener
+from natports.policy import HostListener
 from natports.store import Applied, Store
 from tests.unit.fakes import FakeBackend, FakeDocker, attach
 from tests.unit.routes import route
@@ -81,9 +81,9 @@ def test_a_host_listener_on_a_routed_port_is_named(tmp_path: Path) -> None:
     mail = route("mail", RouteKey(4, TCP, 25), 5025, "172.17.0.2")
     ctx.store.set_applied("mail", Applied("nftables", (mail,)))
     listeners = [
-        Listener(TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)"),
-        Listener(TCP, ip_address("127.0.0.1"), 25, "loopback only (pid 8)"),
-        Listener(UDP, ip_address("0.0.0.0"), 25, "a udp socket (pid 9)"),
+        HostListener(TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)"),
+        HostListener(TCP, ip_address("127.0.0.1"), 25, "loopback only (pid 8)"),
+        HostListener(UDP, ip_address("0.0.0.0"), 25, "a udp socket (pid 9)"),
     ]
     assert routed_listener_conflicts(ctx, listeners) == [
         'port 25/tcp is routed to app "mail", but exim4 (pid 7) now listens on it too: it '

@@ -22,7 +22,7 @@ from natports import agent as agent_module
 from natports import engine
 from natports.agent import Agent, Watched, agent_state
 from natports.containers import LABEL_APP
-from natports.policy import Listener
+from natports.policy import HostListener
 from natports.store import Applied
 from tests.unit.fakes import (
     World,
@@ -179,7 +179,7 @@ def test_reroute_and_resync_keep_a_broken_apps_routes_and_say_so(world: World) -
 def test_a_listener_on_a_routed_port_is_reported_once(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    exim = Listener(
+    exim = HostListener(
         world.nft.held[next(iter(world.nft.held))].key.protocol,
         ip_address("0.0.0.0"),
         25,

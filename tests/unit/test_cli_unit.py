@@ -172,7 +172,7 @@ def test_status_warns_of_a_host_listener_and_shows_a_proxied_route(
     from ipaddress import ip_address
 
     from natports.model import Protocol, RouteKey
-    from natports.policy import Listener
+    from natports.policy import HostListener
     from natports.store import Applied
     from tests.unit.routes import route
 
@@ -181,7 +181,7 @@ def test_status_warns_of_a_host_listener_and_shows_a_proxied_route(
     run("apply")
     shop = route("shop", RouteKey(4, Protocol.TCP, 8080), 5000, "172.17.0.8")
     world.ctx.store.set_applied("shop", Applied("proxy", (shop,)))
-    exim = Listener(Protocol.TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)")
+    exim = HostListener(Protocol.TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)")
     monkeypatch.setattr("natports.listeners.host_listeners", lambda *a: [exim])
     lines = run("status").output.splitlines()
     proxied = next(line for line in lines if line.startswith("shop"))

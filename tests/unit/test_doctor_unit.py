@@ -18,7 +18,7 @@ from natports.backends.nftables import NftBackend
 from natports.errors import InputError, NatportsError
 from natports.listeners import host_listeners
 from natports.model import Protocol, RouteKey
-from natports.policy import Listener
+from natports.policy import HostListener
 from natports.store import Applied, Store
 from tests.unit.fakes import FakeDocker, FakeTool, only_fake_tools
 from tests.unit.routes import route
@@ -173,7 +173,7 @@ def test_check_listeners_names_a_host_process_on_a_routed_port(
 ) -> None:
     store = Store(tmp_path)
     store.set_applied("mail", Applied("nftables", (route("mail", RouteKey(4, TCP, 25), 5025),)))
-    exim = Listener(TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)")
+    exim = HostListener(TCP, ip_address("0.0.0.0"), 25, "exim4 (pid 7)")
     monkeypatch.setattr("natports.listeners.host_listeners", lambda: [exim])
     check = doctor.check_listeners(tmp_path)
     assert not check.ok and "exim4 (pid 7)" in check.detail

@@ -19,7 +19,7 @@ from natports import engine
 from natports.containers import AppProblem
 from natports.errors import InputError, NatportsError
 from natports.model import Backend, Mapping, Protocol, Route, RouteKey
-from natports.policy import Listener
+from natports.policy import HostListener
 from natports.store import Applied
 from tests.unit.fakes import (
     HOST,
@@ -99,7 +99,7 @@ def test_a_port_another_app_stores_or_still_routes_is_refused(world: World) -> N
 def test_a_host_listener_is_refused_unless_it_is_the_proxy_backends_own(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    listener = Listener(TCP, ip_address("0.0.0.0"), 2525, "exim4 (pid 7)")
+    listener = HostListener(TCP, ip_address("0.0.0.0"), 2525, "exim4 (pid 7)")
     quiet_host(monkeypatch, [listener])
     with pytest.raises(InputError, match=r"exim4 \(pid 7\)"):
         store_ports(world, "mail", "2525:5025\n")

@@ -10,7 +10,7 @@ import pytest
 from natports.errors import InputError
 from natports.model import Mapping, Protocol
 from natports.policy import (
-    Listener,
+    HostListener,
     Policy,
     PortRange,
     check_conflicts,
@@ -34,8 +34,8 @@ def located(text: str) -> list[Located]:
 
 def listener(
     ip: str, port: int, protocol: Protocol = TCP, process: str = "nginx (pid 12)"
-) -> Listener:
-    return Listener(protocol, ip_address(ip), port, process)
+) -> HostListener:
+    return HostListener(protocol, ip_address(ip), port, process)
 
 
 # -- PortRange --------------------------------------------------------------------------------
