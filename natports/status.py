@@ -104,7 +104,7 @@ class FlowReader:
                 self._local = local_addresses()
             if key not in self._dumps:
                 self._dumps[key] = self.ctx.conntrack.flows(*key)
-        except (NatportsError, OSError):
+        except (NatportsError, OSError, ImportError):  # not root, or no netlink binding
             self._broken = True
             return None
         return count_flows(self._dumps[key], route, self._local)

@@ -47,6 +47,7 @@ RUNTIME_PACKAGES = (
     "idna",
     "certifi",
     "charset_normalizer",
+    "pyroute2",
 )
 
 PLUGN = r"""#!/usr/bin/env bash
