@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import read_section
 from .errors import InputError
 from .model import PORT_MAX, PORT_MIN, IPAddress, Mapping, Protocol, host_text
-from .spec import Located, SpecError, overlaps
+from .spec import Located, PortCover, SpecError
 
 _RANGE_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?(?:/(tcp|udp))?$")
 
@@ -118,23 +118,47 @@ def load_policy(path: Path) -> Policy:
 def check_conflicts(
     app: str, located: Sequence[Located], others: dict[str, tuple[Mapping, ...]]
 ) -> list[SpecError]:
-    """A public (address, port, protocol) belongs to one app only."""
+    """A public (address, port, protocol) belongs to one app only.
+
+    Each clash names the alphabetically first other app holding an overlapping port, and
+    that app's first such mapping. O((n + m) log P): the other apps' m claims go into
+    segment trees ranked in that order, and each of the n lines asks for the smallest
+    rank over its ports (wildcard claims, claims on its own address).
+    """
+    ranked: list[tuple[str, Mapping]] = []
+    trees: dict[tuple[Protocol, str], PortCover] = {}
+
+    def tree(protocol: Protocol, key: str) -> PortCover:
+        return trees.setdefault((protocol, key), PortCover())
+
+    for other_app, mappings in sorted(others.items()):
+        if other_app == app:
+            continue
+        for m in mappings:
+            rank = len(ranked)
+            ranked.append((other_app, m))
+            key = "*all-addresses" if m.public_ip is None else str(m.public_ip)
+            for name in ("*any", key):
+                tree(m.protocol, name).cover(m.public_port, m.public_end, rank)
     errors: list[SpecError] = []
     for loc in located:
-        for other_app, mappings in sorted(others.items()):
-            if other_app == app:
-                continue
-            clash = next((m for m in mappings if overlaps(loc.mapping, m)), None)
-            if clash is not None:
-                errors.append(
-                    SpecError(
-                        loc.line,
-                        loc.col,
-                        f'app "{app}": port {_shared(loc.mapping, clash)} is already mapped '
-                        f'by app "{other_app}"',
-                    )
+        m = loc.mapping
+        if m.public_ip is None:
+            first = tree(m.protocol, "*any").first(m.public_port, m.public_end)
+        else:
+            first = min(
+                tree(m.protocol, "*all-addresses").first(m.public_port, m.public_end),
+                tree(m.protocol, str(m.public_ip)).first(m.public_port, m.public_end),
+            )
+        if first < PortCover.NONE:
+            other_app, clash = ranked[first]
+            errors.append(
+                SpecError(
+                    loc.line,
+                    loc.col,
+                    f'app "{app}": port {_shared(m, clash)} is already mapped by app "{other_app}"',
                 )
-                break
+            )
     return errors
 
 

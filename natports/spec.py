@@ -353,5 +353,8 @@ class _FirstCover:
         )
 
 
+PortCover = _FirstCover  # for other modules: "the first claim covering any of these ports"
+
+
 def format_errors(result: ParseResult, filename: str) -> list[str]:
     return [e.format(filename) for e in result.errors]

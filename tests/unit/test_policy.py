@@ -6,6 +6,8 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from natports.errors import InputError
 from natports.model import Mapping, Protocol
@@ -442,3 +444,56 @@ def test_every_refused_line_is_reported() -> None:
 def test_listeners_may_be_any_iterable() -> None:
     errors = check_policy(located("80:8080\n81:8081"), OPEN, iter([listener("0.0.0.0", 81)]))
     assert [e.line for e in errors] == [2]
+
+
+def _naive_conflicts(
+    app: str, located_: list[Located], others: dict[str, tuple[Mapping, ...]]
+) -> list[SpecError]:
+    """The definition: for each line, the alphabetically first other app with an
+    overlapping mapping, and that app's first such mapping (what check_conflicts did in
+    O(n * m) before it used segment trees)."""
+    from natports.policy import _shared
+    from natports.spec import overlaps
+
+    errors = []
+    for loc in located_:
+        for other, mappings in sorted(others.items()):
+            if other == app:
+                continue
+            clash = next((m for m in mappings if overlaps(loc.mapping, m)), None)
+            if clash is not None:
+                errors.append(
+                    SpecError(
+                        loc.line,
+                        loc.col,
+                        f'app "{app}": port {_shared(loc.mapping, clash)} is already mapped '
+                        f'by app "{other}"',
+                    )
+                )
+                break
+    return errors
+
+
+_PORT = st.integers(min_value=1, max_value=40)
+_IP = st.sampled_from([None, ip_address("203.0.113.7"), ip_address("203.0.113.8")])
+
+
+@st.composite
+def _mapping(draw: st.DrawFn) -> Mapping:
+    start = draw(_PORT)
+    count = draw(st.integers(min_value=1, max_value=5))
+    return Mapping(start, 1000, draw(st.sampled_from([TCP, UDP])), count=count, public_ip=draw(_IP))
+
+
+@given(
+    mine=st.lists(_mapping(), max_size=8),
+    others=st.dictionaries(
+        st.sampled_from(["a", "b", "mail", "z"]), st.lists(_mapping(), max_size=6).map(tuple)
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_conflicts_match_the_pairwise_definition(
+    mine: list[Mapping], others: dict[str, tuple[Mapping, ...]]
+) -> None:
+    located_ = [Located(m, i + 1, 1) for i, m in enumerate(mine)]
+    assert check_conflicts("mail", located_, others) == _naive_conflicts("mail", located_, others)
