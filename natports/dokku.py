@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,49 +30,13 @@ from . import engine
 from .build_source import read_ports_from_image
 from .errors import InputError
 from .model import DEFAULT_PROCESS_TYPE, Mapping, Protocol, host_text, loopback_publish
-from .spec import MAX_PORTS_BYTES, Located, excerpt, overlaps, parse_bytes
+from .sources import Sources, Stage
+from .spec import MAX_PORTS_BYTES, Located, excerpt, parse_bytes
 from .status import FlowReader
 from .store import Applied
 
-LIVE = "dokku"
-STAGED = "staged"
 _MAP_ENTRY = re.compile(r"^([a-z0-9]+):([0-9]{1,5}):([0-9]{1,5})$")
 _PID_RE = re.compile(r"^[1-9][0-9]{0,9}$")
-
-
-@dataclass(frozen=True)
-class Sources:
-    ports_file: tuple[Mapping, ...] | None  # None: the release has no PORTS file
-    ports_map: tuple[Mapping, ...]
-
-    def merged(self) -> tuple[Mapping, ...]:
-        from_file = self.ports_file or ()
-        extra = tuple(m for m in self.ports_map if not any(overlaps(m, f) for f in from_file))
-        return from_file + extra
-
-    def shadowed(self) -> tuple[Mapping, ...]:
-        """Port-map entries the PORTS file overrides (reported, not an error)."""
-        from_file = self.ports_file or ()
-        return tuple(m for m in self.ports_map if any(overlaps(m, f) for f in from_file))
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "ports_file": None
-            if self.ports_file is None
-            else [m.to_json() for m in self.ports_file],
-            "ports_map": [m.to_json() for m in self.ports_map],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> Sources:
-        ports_file = data.get("ports_file")
-        ports_map = data.get("ports_map", [])
-        assert ports_file is None or isinstance(ports_file, list)
-        assert isinstance(ports_map, list)
-        return cls(
-            None if ports_file is None else tuple(Mapping.from_json(m) for m in ports_file),
-            tuple(Mapping.from_json(m) for m in ports_map),
-        )
 
 
 def parse_ports_map(entries: Sequence[str]) -> tuple[list[Located], list[str]]:
@@ -99,11 +62,6 @@ def parse_ports_map(entries: Sequence[str]) -> tuple[list[Located], list[str]]:
         mapping = Mapping(public, private, Protocol(scheme), process_type=DEFAULT_PROCESS_TYPE)
         located.append(Located(mapping, index, 1))
     return located, errors
-
-
-def _load(ctx: engine.Context, kind: str, app: str) -> Sources | None:
-    data = ctx.store.document(kind, app)
-    return None if data is None else Sources.from_json(data)
 
 
 # -- builds ---------------------------------------------------------------------------------
@@ -134,29 +92,11 @@ def _build_alive(key: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class Stage:
-    build: str
-    ports_file: tuple[Mapping, ...] | None
-
-    def to_json(self) -> dict[str, object]:
-        files = None if self.ports_file is None else [m.to_json() for m in self.ports_file]
-        return {"build": self.build, "ports_file": files}
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> Stage:
-        files = data.get("ports_file")
-        assert files is None or isinstance(files, list)
-        mappings = None if files is None else tuple(Mapping.from_json(m) for m in files)
-        return cls(str(data.get("build", "")), mappings)
-
-
 def _stage_of(ctx: engine.Context, app: str, key: str | None) -> Stage | None:
     """The app's stage if it belongs to build `key` (None: no build, e.g. ps:restart)."""
-    data = ctx.store.document(STAGED, app)
-    if data is None or key is None:
+    stage = ctx.store.stage(app)
+    if stage is None or key is None:
         return None
-    stage = Stage.from_json(data)
     return stage if stage.build == key else None
 
 
@@ -201,11 +141,11 @@ def stage(
             from_file = tuple(loc.mapping for loc in result.mappings)
     except InputError:
         with ctx.store.locked():
-            ctx.store.remove_document(STAGED, app)
+            ctx.store.remove_stage(app)
         raise
     staged = Stage(key, from_file)
     with ctx.store.locked():
-        ctx.store.set_document(STAGED, app, staged.to_json())
+        ctx.store.set_stage(app, staged)
     return staged
 
 
@@ -250,7 +190,7 @@ def docker_args(
     docker-proxy process per port. A range is one argument either way.
     """
     engine.require_app_name(app)
-    live = _load(ctx, LIVE, app)
+    live = ctx.store.sources(app)
     staged = _stage_of(ctx, app, None if build is None else build_key(build))
     if staged is not None:
         if check and staged.ports_file:
@@ -310,12 +250,12 @@ def promote(
         map_located, warnings = parse_ports_map(ports_map)
     with ctx.store.locked():
         staged = _stage_of(ctx, app, key)
-        leftover = ctx.store.document(STAGED, app)
+        leftover = ctx.store.stage(app)
         stale = staged is None and leftover is not None and key is not None
-        if stale and not _build_alive(str((leftover or {}).get("build", ""))):
-            ctx.store.remove_document(STAGED, app)
+        if stale and leftover is not None and not _build_alive(leftover.build):
+            ctx.store.remove_stage(app)
             warnings.append("dropped the PORTS staged by an earlier build that never deployed")
-        live = _load(ctx, LIVE, app) or Sources(None, ())
+        live = ctx.store.sources(app) or Sources(None, ())
         current = live if staged is None else Sources(staged.ports_file, live.ports_map)
         if ports_map is not None:
             current = Sources(current.ports_file, tuple(m.mapping for m in map_located))
@@ -332,9 +272,9 @@ def promote(
             )
         kept, map_warnings = _routable_map(check, current)
         warnings += map_warnings
-        ctx.store.set_document(LIVE, app, current.to_json())
+        ctx.store.set_sources(app, current)
         if staged is not None:
-            ctx.store.remove_document(STAGED, app)
+            ctx.store.remove_stage(app)
         merged = from_file + kept
         if merged:
             ctx.store.set_mappings(app, merged)
@@ -354,7 +294,7 @@ def discard_stage(ctx: engine.Context, app: str) -> None:
     """A stage that cannot go live is dropped: no later deploy may promote it."""
     engine.require_app_name(app)
     with ctx.store.locked():
-        ctx.store.remove_document(STAGED, app)
+        ctx.store.remove_stage(app)
 
 
 def _cleared(app: str, before: Sequence[Mapping], now: Sequence[Mapping]) -> list[str]:
@@ -397,8 +337,8 @@ def delete(ctx: engine.Context, app: str) -> None:
     with ctx.store.locked():
         engine.flush_app_unlocked(ctx, app)
         ctx.store.remove_mappings(app)
-        ctx.store.remove_document(LIVE, app)
-        ctx.store.remove_document(STAGED, app)
+        ctx.store.remove_sources(app)
+        ctx.store.remove_stage(app)
 
 
 def rename(ctx: engine.Context, old: str, new: str) -> None:
@@ -406,22 +346,22 @@ def rename(ctx: engine.Context, old: str, new: str) -> None:
     engine.require_app_name(old)
     engine.require_app_name(new)
     with ctx.store.locked():
-        sources = _load(ctx, LIVE, old)
+        sources = ctx.store.sources(old)
         mappings = ctx.store.mappings(old)
         engine.flush_app_unlocked(ctx, old)
         if sources is not None:
-            ctx.store.set_document(LIVE, new, sources.to_json())
+            ctx.store.set_sources(new, sources)
         if mappings is not None:
             ctx.store.set_mappings(new, mappings)
         ctx.store.remove_mappings(old)
-        ctx.store.remove_document(LIVE, old)
-        ctx.store.remove_document(STAGED, old)
+        ctx.store.remove_sources(old)
+        ctx.store.remove_stage(old)
 
 
 def report(ctx: engine.Context, app: str) -> dict[str, object]:
     engine.require_app_name(app)
-    sources = _load(ctx, LIVE, app)
-    staged = ctx.store.document(STAGED, app)
+    sources = ctx.store.sources(app)
+    staged = ctx.store.stage(app)
     applied = ctx.store.applied(app)
     routes = applied.routes if applied else ()
     backends = sorted({f"{b.container_id[:12]}@{b.ip}" for r in routes for b in r.backends})
@@ -459,5 +399,5 @@ def _flows(ctx: engine.Context, applied: Applied | None) -> list[str]:
 
 def known_apps(ctx: engine.Context) -> list[str]:
     return sorted(
-        set(ctx.store.apps()) | set(ctx.store.documents(LIVE)) | set(ctx.store.applied_apps())
+        set(ctx.store.apps()) | set(ctx.store.sources_apps()) | set(ctx.store.applied_apps())
     )

@@ -1,9 +1,12 @@
-"""Per-app config and last applied state on disk.
+"""Per-app config and last applied state on disk, as typed records.
 
-Layout under the state directory:
+Every file of the state directory is listed in docs/state.md; the main ones:
     lock                 flock(2) held by every mutation and apply
     apps/APP.json        the app's validated mappings (what it asked for)
     applied/APP.json     what the kernel was last told for the app (routes and backend)
+    leftover/APP.json    routes an earlier backend still holds (a change of backend)
+    dokku/APP.json       the Dokku plugin's sources of the app's mappings
+    staged/APP.json      the PORTS of the build in progress
 
 Every write is temp file + fsync + rename + directory fsync, so a crash leaves
 either the old or the new file, never half of one.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from .errors import NatportsError
 from .model import Backend, Mapping, Route
+from .sources import Sources, Stage
 
 SCHEMA_VERSION = 1
 
@@ -224,19 +228,42 @@ class Store:
         ordered = sorted(backends, key=lambda b: (b.container_id, str(b.ip), b.port))
         self._write(path, {"version": SCHEMA_VERSION, "backends": [b.to_json() for b in ordered]})
 
-    # -- documents of other layers (the Dokku plugin's sources and staged PORTS) ----------
+    # -- the Dokku plugin's records: an app's sources, and the build in progress ----------
 
-    def document(self, kind: str, app: str) -> dict[str, object] | None:
-        return self._read(self.root / kind / f"{app}.json")
+    def sources_apps(self) -> list[str]:
+        return self._names("dokku")
 
-    def set_document(self, kind: str, app: str, data: dict[str, object]) -> None:
-        self._write(self.root / kind / f"{app}.json", {"version": SCHEMA_VERSION, **data})
+    def sources(self, app: str) -> Sources | None:
+        path = self.root / "dokku" / f"{app}.json"
+        data = self._read(path)
+        if data is None:
+            return None
+        with _shape_checked(path):
+            return Sources.from_json(data)
 
-    def remove_document(self, kind: str, app: str) -> bool:
-        return self._unlink(self.root / kind / f"{app}.json")
+    def set_sources(self, app: str, sources: Sources) -> None:
+        self._write(
+            self.root / "dokku" / f"{app}.json", {"version": SCHEMA_VERSION, **sources.to_json()}
+        )
 
-    def documents(self, kind: str) -> list[str]:
-        return self._names(kind)
+    def remove_sources(self, app: str) -> bool:
+        return self._unlink(self.root / "dokku" / f"{app}.json")
+
+    def stage(self, app: str) -> Stage | None:
+        path = self.root / "staged" / f"{app}.json"
+        data = self._read(path)
+        if data is None:
+            return None
+        with _shape_checked(path):
+            return Stage.from_json(data)
+
+    def set_stage(self, app: str, stage: Stage) -> None:
+        self._write(
+            self.root / "staged" / f"{app}.json", {"version": SCHEMA_VERSION, **stage.to_json()}
+        )
+
+    def remove_stage(self, app: str) -> bool:
+        return self._unlink(self.root / "staged" / f"{app}.json")
 
     # -- files -------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ process type) -> containers start -> promote (post-deploy).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -81,7 +82,7 @@ def test_a_deploy_stages_publishes_then_promotes_and_routes(world: World) -> Non
     assert warnings == []
     assert report is not None and report.applied == ("mail",)
     assert world.nft.ports() == {25: ["172.17.0.2"], 53: ["172.17.0.3"]}
-    assert world.ctx.store.document(dokku.STAGED, "mail") is None
+    assert world.ctx.store.stage("mail") is None
     # Later restarts (no build) publish from the live sources.
     assert dokku.docker_args(world.ctx, "mail", "web", None) == ["-p", "127.0.0.1::5025"]
 
@@ -91,7 +92,7 @@ def test_a_bad_ports_file_fails_the_build_and_leaves_no_stage(world: World) -> N
     with pytest.raises(InputError) as err:
         dokku.stage(world.ctx, "mail", BUILD, b"25:5025\n26:abc\n")
     assert err.value.problems[0].startswith("PORTS:2:")
-    assert world.ctx.store.document(dokku.STAGED, "mail") is None
+    assert world.ctx.store.stage("mail") is None
     with pytest.raises(InputError, match="larger than"):
         dokku.stage(world.ctx, "mail", BUILD, b"#" * (70 * 1024))
     with pytest.raises(InputError, match="not a process id"):
@@ -126,9 +127,9 @@ def test_a_stage_left_by_a_build_that_is_over_is_dropped_not_promoted(world: Wor
     # ... a later deploy (another DOKKU_PID) without a stage of its own:
     _, warnings = dokku.promote(world.ctx, "mail", None, DEAD_BUILD)
     assert warnings == []  # the stage's build (this process) still runs: kept
-    record = world.ctx.store.document(dokku.STAGED, "mail")
+    record = world.ctx.store.stage("mail")
     assert record is not None
-    world.ctx.store.set_document(dokku.STAGED, "mail", {**record, "build": "not-a-key"})
+    world.ctx.store.set_stage("mail", dataclasses.replace(record, build="not-a-key"))
     _, warnings = dokku.promote(world.ctx, "mail", None, BUILD)
     assert warnings == ["dropped the PORTS staged by an earlier build that never deployed"]
     assert world.nft.ports() == {25: ["172.17.0.2"]}
@@ -205,7 +206,7 @@ def test_stop_delete_rename(world: World) -> None:
     assert dokku.known_apps(world.ctx) == []
     dokku.stage(world.ctx, "mail", BUILD, None)
     dokku.discard_stage(world.ctx, "mail")
-    assert world.ctx.store.document(dokku.STAGED, "mail") is None
+    assert world.ctx.store.stage("mail") is None
 
 
 def test_stop_and_rename_remove_the_rules_from_the_backend_that_serves_the_app(
@@ -328,7 +329,7 @@ def test_a_refused_image_ports_fails_the_build_and_leaves_no_stage(
     world.docker.api = ArchiveApi([symlink_tar()])  # type: ignore[assignment]
     result = cmd("stage", "mail", "--build", BUILD, "--image", "mail:v2")
     assert result.exit_code == 2 and "not a regular file" in result.output
-    assert world.ctx.store.document(dokku.STAGED, "mail") is None
+    assert world.ctx.store.stage("mail") is None
 
 
 def test_an_empty_archive_means_no_ports(world: World) -> None:

@@ -361,3 +361,21 @@ def test_corrupt_typed_records_are_the_stores_error(
     (store.root / sub / name).write_text(content)
     with pytest.raises(NatportsError, match="is corrupt"):
         store.leftover("mail") if sub == "leftover" else store.retired_udp()
+
+
+def test_the_plugins_records_round_trip(store: Store) -> None:
+    from natports.sources import Sources, Stage
+
+    sources = Sources((Mapping(25, 5025),), (Mapping(53, 5053, UDP),))
+    store.set_sources("mail", sources)
+    assert store.sources("mail") == sources
+    assert store.sources_apps() == ["mail"]
+    stage = Stage("1234:5678:boot", None)
+    store.set_stage("mail", stage)
+    assert store.stage("mail") == stage
+    assert store.remove_stage("mail") and store.stage("mail") is None
+    assert store.remove_sources("mail") and store.sources("mail") is None
+    (store.root / "dokku").mkdir(exist_ok=True)
+    (store.root / "dokku" / "shop.json").write_text('{"version": 1, "ports_map": 7}')
+    with pytest.raises(NatportsError, match="is corrupt"):
+        store.sources("shop")
