@@ -177,7 +177,9 @@ def test_idle_flood_is_capped_other_apps_answer_and_idle_ones_close(
         other = local_route(client_net, "chat", PORT + 1, chat.port, TCP)
         proxy.apply([flood, other])
         with held_connections(client_net, PORT, 3000) as connected:
-            assert connected == 3000  # the kernel completed every handshake (backlog)
+            # Every handshake completes in the kernel's backlog, but a connection over the
+            # cap may already be reset when the client looks: only the kept ones count here.
+            assert connected >= cap
             rid = route_id(flood)
             assert wait_for(lambda: proxy.route_status(rid)["active"] == cap, timeout=20), (
                 proxy.route_status(rid)
