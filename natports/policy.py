@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import read_section
 from .errors import InputError
 from .model import PORT_MAX, PORT_MIN, IPAddress, Mapping, Protocol, host_text
-from .spec import Located, PortCover, SpecError
+from .spec import ClaimIndex, Located, SpecError
 
 _RANGE_RE = re.compile(r"^([0-9]+)(?:-([0-9]+))?(?:/(tcp|udp))?$")
 
@@ -126,31 +126,18 @@ def check_conflicts(
     rank over its ports (wildcard claims, claims on its own address).
     """
     ranked: list[tuple[str, Mapping]] = []
-    trees: dict[tuple[Protocol, str], PortCover] = {}
-
-    def tree(protocol: Protocol, key: str) -> PortCover:
-        return trees.setdefault((protocol, key), PortCover())
-
+    claims = ClaimIndex()
     for other_app, mappings in sorted(others.items()):
         if other_app == app:
             continue
         for m in mappings:
-            rank = len(ranked)
+            claims.add(m, len(ranked))
             ranked.append((other_app, m))
-            key = "*all-addresses" if m.public_ip is None else str(m.public_ip)
-            for name in ("*any", key):
-                tree(m.protocol, name).cover(m.public_port, m.public_end, rank)
     errors: list[SpecError] = []
     for loc in located:
         m = loc.mapping
-        if m.public_ip is None:
-            first = tree(m.protocol, "*any").first(m.public_port, m.public_end)
-        else:
-            first = min(
-                tree(m.protocol, "*all-addresses").first(m.public_port, m.public_end),
-                tree(m.protocol, str(m.public_ip)).first(m.public_port, m.public_end),
-            )
-        if first < PortCover.NONE:
+        first = claims.first(m)
+        if first is not None:
             other_app, clash = ranked[first]
             errors.append(
                 SpecError(

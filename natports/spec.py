@@ -273,21 +273,11 @@ def _duplicates(mappings: list[Located]) -> list[SpecError]:
     """
     errors: list[SpecError] = []
     by_line: dict[int, Located] = {}
-    trees: dict[tuple[Protocol, str], _FirstCover] = {}
-
-    def tree(protocol: Protocol, key: str) -> _FirstCover:
-        return trees.setdefault((protocol, key), _FirstCover())
-
+    claims = ClaimIndex()
     for later in mappings:
         m = later.mapping
-        if m.public_ip is None:  # all addresses: overlaps anything on its ports
-            first = tree(m.protocol, "*any").first(m.public_port, m.public_end)
-        else:
-            first = min(
-                tree(m.protocol, "*all-addresses").first(m.public_port, m.public_end),
-                tree(m.protocol, str(m.public_ip)).first(m.public_port, m.public_end),
-            )
-        if first < _FirstCover.NONE:
+        first = claims.first(m)
+        if first is not None:
             earlier = by_line[first]
             errors.append(
                 SpecError(
@@ -298,10 +288,36 @@ def _duplicates(mappings: list[Located]) -> list[SpecError]:
                 )
             )
         by_line.setdefault(later.line, later)
+        claims.add(m, later.line)
+    return errors
+
+
+class ClaimIndex:
+    """Public-port claims by rank; `first(m)` is the smallest rank of a claim that
+    overlaps `m` (see `overlaps`), None when none does. O(log P) per call: per protocol, segment trees for
+    every claim, for claims on all addresses, and for each address.
+    """
+
+    def __init__(self) -> None:
+        self._trees: dict[tuple[Protocol, str], _FirstCover] = {}
+
+    def _tree(self, protocol: Protocol, key: str) -> _FirstCover:
+        return self._trees.setdefault((protocol, key), _FirstCover())
+
+    def add(self, m: Mapping, rank: int) -> None:
         key = "*all-addresses" if m.public_ip is None else str(m.public_ip)
         for name in ("*any", key):
-            tree(m.protocol, name).cover(m.public_port, m.public_end, later.line)
-    return errors
+            self._tree(m.protocol, name).cover(m.public_port, m.public_end, rank)
+
+    def first(self, m: Mapping) -> int | None:
+        if m.public_ip is None:  # all addresses: overlaps anything on its ports
+            found = self._tree(m.protocol, "*any").first(m.public_port, m.public_end)
+        else:
+            found = min(
+                self._tree(m.protocol, "*all-addresses").first(m.public_port, m.public_end),
+                self._tree(m.protocol, str(m.public_ip)).first(m.public_port, m.public_end),
+            )
+        return None if found >= _FirstCover.NONE else found
 
 
 class _FirstCover:
@@ -351,9 +367,6 @@ class _FirstCover:
             self._first(2 * node, lo, mid, start, end),
             self._first(2 * node + 1, mid + 1, hi, start, end),
         )
-
-
-PortCover = _FirstCover  # for other modules: "the first claim covering any of these ports"
 
 
 def format_errors(result: ParseResult, filename: str) -> list[str]:
