@@ -294,8 +294,8 @@ def _duplicates(mappings: list[Located]) -> list[SpecError]:
 
 class ClaimIndex:
     """Public-port claims by rank; `first(m)` is the smallest rank of a claim that
-    overlaps `m` (see `overlaps`), None when none does. O(log P) per call: per protocol, segment trees for
-    every claim, for claims on all addresses, and for each address.
+    overlaps `m` (see `overlaps`), None when none does. O(log P) per call: per protocol,
+    segment trees for every claim, for claims on all addresses, and for each address.
     """
 
     def __init__(self) -> None:
