@@ -40,8 +40,8 @@ from .containers import LABEL_APP, AppProblem
 from .errors import NatportsError
 from .listeners import host_listeners
 from .metrics import AgentCounters
-from .model import Protocol
 from .policy import HostListener
+from .store import Store
 
 HEARTBEAT = "agent.json"
 TICK = 0.1  # how often /proc is looked at while Docker is away
@@ -279,7 +279,7 @@ class Agent:
 
     def report_listeners(self) -> None:
         """A host process listening on a routed port gets no outside traffic: say so once."""
-        for line in routed_listener_conflicts(self.ctx, host_listeners()):
+        for line in routed_listener_conflicts(self.ctx.store, host_listeners()):
             if line not in self._reported:
                 self._reported.add(line)
                 self.log(line)
@@ -352,21 +352,23 @@ def agent_state(state_dir: Path, max_age: float = 5.0) -> dict[str, Any] | None:
     return data if alive and fresh else None
 
 
-def routed_listener_conflicts(ctx: engine.Context, listeners: Iterable[HostListener]) -> list[str]:
-    """A line for each host listener on a port natports routes for an app."""
+def routed_listener_conflicts(store: Store, listeners: Iterable[HostListener]) -> list[str]:
+    """A line for each host listener on a port natports routes for an app (any port of a
+    range). Reads only the state: `status`, `doctor` and the agent say the same."""
     lines: list[str] = []
     listeners = list(listeners)
-    for app in ctx.store.applied_apps():
-        record = ctx.store.applied(app)
+    for app in store.applied_apps():
+        record = store.applied(app)
         if record is None or record.backend == "proxy":  # the proxy's sockets are ours
             continue
         for route in record.routes:
-            claim = route.claim()
+            key, claim = route.key, route.claim()
             for lst in listeners:
-                if lst.shadowed_by(claim, route.key.public_port):
-                    proto = "tcp" if route.key.protocol is Protocol.TCP else "udp"
+                if key.public_port <= lst.port <= key.public_end and lst.shadowed_by(
+                    claim, lst.port
+                ):
                     lines.append(
-                        f'port {route.key.public_port}/{proto} is routed to app "{app}", but '
+                        f'port {lst.port}/{key.protocol} is routed to app "{app}", but '
                         f"{lst.process} now listens on it too: it gets no outside traffic on "
                         "that port; stop it, or remove the port from the app"
                     )

@@ -245,7 +245,7 @@ def _agent_line(ctx: engine.Context) -> None:
         )
     else:
         click.echo(f"agent: running (pid {agent['pid']}, Docker {agent['docker']})")
-    for line in routed_listener_conflicts(ctx, host_listeners()):
+    for line in routed_listener_conflicts(ctx.store, host_listeners()):
         click.echo(f"warning: {line}")
 
 

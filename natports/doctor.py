@@ -59,13 +59,11 @@ def check_agent(state_dir: Path) -> Check:
 def check_listeners(state_dir: Path) -> Check:
     """Host processes that started listening on a port natports routes."""
     from .agent import routed_listener_conflicts
-    from .engine import Context
     from .listeners import host_listeners
     from .store import Store
 
-    ctx = Context(Store(state_dir), Path("/"), Path("/"), "natports", backend_choice="auto")
     try:
-        conflicts = routed_listener_conflicts(ctx, host_listeners())
+        conflicts = routed_listener_conflicts(Store(state_dir), host_listeners())
     except Exception as exc:  # a corrupt state file is reported by other commands
         return Check("listeners", False, f"cannot compare: {exc}")
     if conflicts:

@@ -85,7 +85,7 @@ def test_a_host_listener_on_a_routed_port_is_named(tmp_path: Path) -> None:
         HostListener(TCP, ip_address("127.0.0.1"), 25, "loopback only (pid 8)"),
         HostListener(UDP, ip_address("0.0.0.0"), 25, "a udp socket (pid 9)"),
     ]
-    assert routed_listener_conflicts(ctx, listeners) == [
+    assert routed_listener_conflicts(ctx.store, listeners) == [
         'port 25/tcp is routed to app "mail", but exim4 (pid 7) now listens on it too: it '
         "gets no outside traffic on that port; stop it, or remove the port from the app"
     ]
