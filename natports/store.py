@@ -20,15 +20,17 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import NatportsError
 from .model import Backend, Mapping, Route
 from .sources import Sources, Stage
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,16 @@ def _shape_checked(path: Path) -> Iterator[None]:
         ) from None
 
 
+def _items(data: dict[str, object], key: str) -> list[dict[str, object]]:
+    items = data[key]
+    assert isinstance(items, list)
+    return items
+
+
+def _routes(data: dict[str, object]) -> tuple[Route, ...]:
+    return tuple(Route.from_json(r) for r in _items(data, "routes"))
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -122,14 +134,10 @@ class Store:
         return self._names("apps")
 
     def mappings(self, app: str) -> tuple[Mapping, ...] | None:
-        data = self._read(self.root / "apps" / f"{app}.json")
-        if data is None:
-            return None
-        path = self.root / "apps" / f"{app}.json"
-        with _shape_checked(path):
-            items = data["mappings"]
-            assert isinstance(items, list)
-            return tuple(Mapping.from_json(m) for m in items)
+        return self._load(
+            self.root / "apps" / f"{app}.json",
+            lambda data: tuple(Mapping.from_json(m) for m in _items(data, "mappings")),
+        )
 
     def all_mappings(self) -> dict[str, tuple[Mapping, ...]]:
         result: dict[str, tuple[Mapping, ...]] = {}
@@ -154,13 +162,10 @@ class Store:
         return self._names("applied")
 
     def applied(self, app: str) -> Applied | None:
-        data = self._read(self.root / "applied" / f"{app}.json")
-        if data is None:
-            return None
-        with _shape_checked(self.root / "applied" / f"{app}.json"):
-            routes = data["routes"]
-            assert isinstance(routes, list)
-            return Applied(str(data["backend"]), tuple(Route.from_json(r) for r in routes))
+        return self._load(
+            self.root / "applied" / f"{app}.json",
+            lambda data: Applied(str(data["backend"]), _routes(data)),
+        )
 
     def set_applied(self, app: str, applied: Applied) -> None:
         self._write(
@@ -182,18 +187,12 @@ class Store:
         return self._names("leftover")
 
     def leftover(self, app: str) -> Leftover | None:
-        path = self.root / "leftover" / f"{app}.json"
-        data = self._read(path)
-        if data is None:
-            return None
-        with _shape_checked(path):
-            routes = data["routes"]
-            assert isinstance(routes, list)
-            return Leftover(
-                str(data["backend"]),
-                tuple(Route.from_json(r) for r in routes),
-                bool(data.get("pending", False)),
-            )
+        return self._load(
+            self.root / "leftover" / f"{app}.json",
+            lambda data: Leftover(
+                str(data["backend"]), _routes(data), bool(data.get("pending", False))
+            ),
+        )
 
     def set_leftover(self, app: str, leftover: Leftover) -> None:
         self._write(
@@ -211,14 +210,11 @@ class Store:
 
     def retired_udp(self) -> tuple[Backend, ...]:
         """UDP backends a switch removed whose containers may still hold flows."""
-        path = self.root / "conntrack" / "udp-retired.json"
-        data = self._read(path)
-        if data is None:
-            return ()
-        with _shape_checked(path):
-            items = data["backends"]
-            assert isinstance(items, list)
-            return tuple(Backend.from_json(b) for b in items)
+        found = self._load(
+            self.root / "conntrack" / "udp-retired.json",
+            lambda data: tuple(Backend.from_json(b) for b in _items(data, "backends")),
+        )
+        return found or ()
 
     def set_retired_udp(self, backends: tuple[Backend, ...]) -> None:
         path = self.root / "conntrack" / "udp-retired.json"
@@ -234,12 +230,7 @@ class Store:
         return self._names("dokku")
 
     def sources(self, app: str) -> Sources | None:
-        path = self.root / "dokku" / f"{app}.json"
-        data = self._read(path)
-        if data is None:
-            return None
-        with _shape_checked(path):
-            return Sources.from_json(data)
+        return self._load(self.root / "dokku" / f"{app}.json", Sources.from_json)
 
     def set_sources(self, app: str, sources: Sources) -> None:
         self._write(
@@ -250,12 +241,7 @@ class Store:
         return self._unlink(self.root / "dokku" / f"{app}.json")
 
     def stage(self, app: str) -> Stage | None:
-        path = self.root / "staged" / f"{app}.json"
-        data = self._read(path)
-        if data is None:
-            return None
-        with _shape_checked(path):
-            return Stage.from_json(data)
+        return self._load(self.root / "staged" / f"{app}.json", Stage.from_json)
 
     def set_stage(self, app: str, stage: Stage) -> None:
         self._write(
@@ -282,6 +268,14 @@ class Store:
             return sorted(p.stem for p in (self.root / sub).glob("*.json"))
         except OSError:
             return []
+
+    def _load(self, path: Path, parse: Callable[[dict[str, object]], T]) -> T | None:
+        """A record, or None when the file does not exist; a wrong shape is `corrupt`."""
+        data = self._read(path)
+        if data is None:
+            return None
+        with _shape_checked(path):
+            return parse(data)
 
     def _read(self, path: Path) -> dict[str, object] | None:
         try:
