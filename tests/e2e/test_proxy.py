@@ -237,14 +237,8 @@ def test_bulk_data_both_ways_with_half_close(
     with echo_backend() as backend:
         proxy.apply([loopback_route("bulk", RouteKey(4, TCP, PORT + 9, LOOPBACK), backend)])
         payload = os.urandom(64 << 20)
-        with socket.create_connection(("127.0.0.1", PORT + 9), timeout=30) as client:
-            received = bytearray()
-            reader = threading.Thread(target=_read_all, args=(client, received), daemon=True)
-            reader.start()
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            reader.join(60)
-    echoed, _, trailer = bytes(received).partition(b"DIGEST ")
+        received = send_all_read_all(PORT + 9, payload)
+    echoed, _, trailer = received.partition(b"DIGEST ")
     assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest()
     assert trailer.decode().strip() == hashlib.sha256(payload).hexdigest()
 
@@ -329,6 +323,18 @@ def _echo_then_digest(server: socket.socket, pause: float = 0.0) -> None:
 def _read_all(sock: socket.socket, into: bytearray) -> None:
     while data := sock.recv(1 << 20):
         into += data
+
+
+def send_all_read_all(port: int, payload: bytes) -> bytes:
+    """Send `payload` to 127.0.0.1:port, half-close, and read everything until EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        received = bytearray()
+        reader = threading.Thread(target=_read_all, args=(client, received), daemon=True)
+        reader.start()
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        reader.join(60)
+    return bytes(received)
 
 
 # -- UDP ---------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +16,15 @@ from pathlib import Path
 from natports.model import RouteKey
 from natports.proxy.config import route_id
 from tests.e2e.proxy_daemon import ProxyDaemon, start_proxy
-from tests.e2e.test_proxy import LOOPBACK, TCP, echo_backend, loopback_route, restart, route
-from tests.e2e.test_proxy import _read_all as read_all
+from tests.e2e.test_proxy import (
+    LOOPBACK,
+    TCP,
+    echo_backend,
+    loopback_route,
+    restart,
+    route,
+    send_all_read_all,
+)
 from tests.infra import ClientNet, Containers, wait_for
 
 __all__ = ["start_proxy"]  # fixture
@@ -73,14 +78,8 @@ def test_bulk_data_through_a_worker_is_byte_exact(
     with echo_backend() as backend:
         proxy.apply([loopback_route("bulk", RouteKey(4, TCP, PORT + 1, LOOPBACK), backend)])
         payload = os.urandom(32 << 20)
-        with socket.create_connection(("127.0.0.1", PORT + 1), timeout=30) as client:
-            received = bytearray()
-            reader = threading.Thread(target=read_all, args=(client, received), daemon=True)
-            reader.start()
-            client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            reader.join(60)
-    echoed, _, trailer = bytes(received).partition(b"DIGEST ")
+        received = send_all_read_all(PORT + 1, payload)
+    echoed, _, trailer = received.partition(b"DIGEST ")
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert trailer.decode().strip() == hashlib.sha256(payload).hexdigest()
     rid = f"bulk/tcp/127.0.0.1/{PORT + 1}"
