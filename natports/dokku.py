@@ -204,8 +204,7 @@ def docker_args(
         sources = live
     if sources is None:
         return []
-    forwards = getattr(ctx.backend, "forwards_unpublished", None)
-    if forwards is not None and forwards():
+    if ctx.backend.forwards_unpublished():
         return []
     ports: set[tuple[int, int, Protocol]] = set()
     for mapping in sources.merged():

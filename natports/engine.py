@@ -73,8 +73,8 @@ def _desired_for(ctx: Context, app: str, containers: Sequence[str]) -> tuple[Rou
     for infos in found.values():
         ctx.inspected.update((c.id, c) for c in infos)
     # Backends that pass Docker's FORWARD filter by themselves need no published ports.
-    forwards = getattr(ctx.backend, "forwards_unpublished", None)
-    routes = build_routes(app, mappings, found, need_publish=not (forwards and forwards()))
+    need_publish = not ctx.backend.forwards_unpublished()
+    routes = build_routes(app, mappings, found, need_publish=need_publish)
     # Only a process that terminates the connection can send a PROXY protocol header.
     refused = select.unsupported(ctx.backend.name, routes)
     if refused:

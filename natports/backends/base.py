@@ -28,6 +28,11 @@ class RouteBackend(Protocol):
         """Remove everything this backend holds."""
         ...
 
+    def forwards_unpublished(self) -> bool:
+        """Do this backend's flows pass Docker's FORWARD filter without a published port
+        (natports' accept in DOCKER-USER)? False: containers need `-p 127.0.0.1::PORT`."""
+        ...
+
     def intact(self) -> bool:
         """One cheap read: is this backend's skeleton still in place? False after a
         `nft flush ruleset` or a firewall reload removed it (the agent then repairs)."""

@@ -57,6 +57,10 @@ class ProxyBackend:
 
     # -- effects -----------------------------------------------------------------------------
 
+    def forwards_unpublished(self) -> bool:
+        """The proxy's flows start on the host; it keeps asking for published ports."""
+        return False
+
     def intact(self) -> bool:
         """The daemon's config file is natports' own; nothing else removes it. A dead
         daemon is systemd's to restart (and `doctor` reports it)."""

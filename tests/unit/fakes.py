@@ -123,6 +123,9 @@ class FakeBackend:
         self.present = True
         self.batches.append(batch)
 
+    def forwards_unpublished(self) -> bool:
+        return False
+
     def intact(self) -> bool:
         return self.present
 

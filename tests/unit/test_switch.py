@@ -81,6 +81,9 @@ class Failing:
     def plan_flush_all(self) -> str:
         return "x"
 
+    def forwards_unpublished(self) -> bool:
+        return False
+
     def intact(self) -> bool:
         return True
 
