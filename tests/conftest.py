@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import Cli, ClientNet, Containers, delete_iptables_chains, delete_natports_table
+from tests.infra import (
+    Cli,
+    ClientNet,
+    Containers,
+    create_dual_network,
+    delete_iptables_chains,
+    delete_natports_table,
+    remove_dual_network,
+)
 
 
 @pytest.fixture
@@ -32,6 +40,26 @@ def client_net() -> Iterator[ClientNet]:
         yield net
     finally:
         net.destroy()
+
+
+@pytest.fixture(scope="session")
+def client_net6() -> Iterator[ClientNet]:
+    """A client netns that reaches the host over IPv6 only."""
+    net = ClientNet.create(78, family=6)
+    try:
+        yield net
+    finally:
+        net.destroy()
+
+
+@pytest.fixture(scope="session")
+def dual_network() -> Iterator[str]:
+    """The tests' dual-stack Docker network (see tests.infra.DUAL_NETWORK)."""
+    name = create_dual_network()
+    try:
+        yield name
+    finally:
+        remove_dual_network()
 
 
 @pytest.fixture

@@ -85,31 +85,41 @@ def delete_iptables_chains(prefix: str = NFT_TABLE.upper()) -> None:
 class ClientNet:
     """A network namespace joined to the host by a veth pair.
 
-    `host_ip` is the host's "public" address as the client sees it.
+    `host_ip` is the host's "public" address as the client sees it. A family 6 net has
+    only IPv6 addresses (ULA `fd77:INDEX::/64`), so every test driven through it is a v6
+    test: nothing can fall back to v4.
     """
 
     ns: str
     host_if: str
     host_ip: str
     client_ip: str
+    family: int = 4
 
     @classmethod
-    def create(cls, index: int) -> ClientNet:
+    def create(cls, index: int, family: int = 4) -> ClientNet:
         tag = f"{os.getpid() % 10000}{index}"
+        if family == 4:
+            host_ip, client_ip, plen = f"198.18.{index}.1", f"198.18.{index}.2", 24
+        else:
+            host_ip, client_ip, plen = f"fd77:{index}::1", f"fd77:{index}::2", 64
         net = cls(
             ns=f"npc-{tag}",
             host_if=f"nph{tag}",
-            host_ip=f"198.18.{index}.1",
-            client_ip=f"198.18.{index}.2",
+            host_ip=host_ip,
+            client_ip=client_ip,
+            family=family,
         )
         peer = f"npp{tag}"
+        # nodad: a v6 address is usable at once, not after duplicate address detection.
+        nodad = ("nodad",) if family == 6 else ()
         try:
             sh("ip", "netns", "add", net.ns)
             sh("ip", "link", "add", net.host_if, "type", "veth", "peer", "name", peer)
             sh("ip", "link", "set", peer, "netns", net.ns)
-            sh("ip", "addr", "add", f"{net.host_ip}/24", "dev", net.host_if)
+            sh("ip", "addr", "add", f"{net.host_ip}/{plen}", "dev", net.host_if, *nodad)
             sh("ip", "link", "set", net.host_if, "up")
-            net.exec("ip", "addr", "add", f"{net.client_ip}/24", "dev", peer)
+            net.exec("ip", "addr", "add", f"{net.client_ip}/{plen}", "dev", peer, *nodad)
             net.exec("ip", "link", "set", peer, "up")
             net.exec("ip", "link", "set", "lo", "up")
         except BaseException:
@@ -274,12 +284,53 @@ class Container:
     id: str
     name: str
     ip: str
+    ip6: str | None = None  # on a dual-stack network only
+
+    def address(self, family: int) -> str:
+        """The container's address of one family (a test of that family dials it)."""
+        found = self.ip if family == 4 else self.ip6
+        assert found, f"container {self.name} has no IPv{family} address"
+        return found
+
+
+# A user network with IPv6, as `docker network create --ipv6` makes it: Docker 20.10
+# needs no daemon-level IPv6 setting for it, and sets net.ipv6.conf.all.forwarding=1
+# when it creates it. Containers started on it get a v4 and a v6 address.
+DUAL_NETWORK = "natports-test-dual"
+DUAL_SUBNET6 = "fd77:1::/64"  # a ULA: never routed beyond this host
+
+
+def create_dual_network() -> str:
+    """The tests' dual-stack network (made if missing); its name."""
+    found = sh("docker", "network", "inspect", "-f", "{{.EnableIPv6}}", DUAL_NETWORK, check=False)
+    if found.returncode == 0 and found.stdout.strip() == "true":
+        return DUAL_NETWORK
+    if found.returncode == 0:  # a stale one without IPv6: not ours to keep
+        sh("docker", "network", "rm", DUAL_NETWORK)
+    sh("docker", "network", "create", "--ipv6", "--subnet", DUAL_SUBNET6, DUAL_NETWORK)
+    return DUAL_NETWORK
+
+
+def remove_dual_network() -> None:
+    sh("docker", "network", "rm", DUAL_NETWORK, check=False)
+
+
+def _addresses(attrs: dict[str, Any]) -> tuple[str, str | None]:
+    """The container's v4 and v6 address on the network it was created on (as Dokku's
+    `network:set APP initial-network` does, and as natports reads it)."""
+    mode = str(attrs["HostConfig"]["NetworkMode"])
+    networks = attrs["NetworkSettings"]["Networks"]
+    net = networks[mode if mode in networks else "bridge"]
+    return str(net["IPAddress"]), net.get("GlobalIPv6Address") or None
 
 
 class Containers:
-    """Starts echod containers the way Dokku would (loopback-published private ports)."""
+    """Starts echod containers the way Dokku would (loopback-published private ports).
 
-    def __init__(self) -> None:
+    `network`: the network new containers are created on (None: Docker's `bridge`).
+    """
+
+    def __init__(self, network: str | None = None) -> None:
         import docker
         import docker.errors
 
@@ -291,6 +342,7 @@ class Containers:
             raise AssertionError(f"{TEST_IMAGE} is missing: run ./scripts/test") from None
         self.started: list[str] = []
         self.prefix = f"nptest-{uuid.uuid4().hex[:6]}"
+        self.network = network
 
     def start(
         self,
@@ -324,11 +376,14 @@ class Containers:
             ports=published,
             detach=True,
             restart_policy={"Name": restart} if restart else None,
+            **({"network": self.network} if self.network else {}),
         )
         self.started.append(container.id)
         container.reload()
-        ip = container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
-        return Container(container.id, container.name, ip)
+        ip, ip6 = _addresses(container.attrs)
+        if self.network:
+            assert ip6, f"no IPv6 address on {self.network}: {container.attrs['NetworkSettings']}"
+        return Container(container.id, container.name, ip, ip6)
 
     def stop(self, cid: str, timeout: int = 5) -> None:
         self.client.containers.get(cid).stop(timeout=timeout)
@@ -338,11 +393,10 @@ class Containers:
         container = self.client.containers.get(cid)
         container.start()
         container.reload()
-        return str(container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"])
+        return _addresses(container.attrs)[0]
 
     def ip(self, cid: str) -> str:
-        container = self.client.containers.get(cid)
-        return str(container.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"])
+        return _addresses(self.client.containers.get(cid).attrs)[0]
 
     def rename(self, cid: str, name: str) -> None:
         self.client.containers.get(cid).rename(name)

@@ -89,8 +89,12 @@ def hammer(host: str, port: int, rate: float, max_seconds: float, stopfile: str)
     )
 
 
+def _udp_socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+
+
 def udp(host: str, port: int, message: str) -> dict[str, object]:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with _udp_socket(host) as sock:
         sock.settimeout(3)
         sock.sendto(message.encode(), (host, port))
         try:
@@ -101,7 +105,7 @@ def udp(host: str, port: int, message: str) -> dict[str, object]:
 
 def udp_hold(host: str, port: int) -> None:
     """One UDP socket (one source port, so one conntrack flow) driven line by line."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with _udp_socket(host) as sock:
         sock.settimeout(1)
         sock.connect((host, port))
         print(json.dumps({"ready": True}), flush=True)

@@ -1,7 +1,9 @@
 """The core promise, with real containers and a client in another network namespace.
 
 One behavioural suite for every backend: nftables, iptables (both xtables
-variants) and the userspace proxy.
+variants) and the userspace proxy, and for both address families: the v4 runs use
+Docker's default bridge and a v4 client netns, the v6 runs containers on the tests'
+dual-stack network (tests.infra.DUAL_NETWORK) and a client netns that has only IPv6.
 """
 
 from __future__ import annotations
@@ -18,6 +20,28 @@ from tests.infra import Cli, ClientNet, Containers, sh
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
 BACKENDS = ["nftables", "iptables-nft", "iptables-legacy", "proxy"]
+
+
+@pytest.fixture(params=[4, 6], ids=["v4", "v6"])
+def family(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
+@pytest.fixture
+def client_net(client_net: ClientNet, family: int, request: pytest.FixtureRequest) -> ClientNet:
+    """The v4 client netns, or for a v6 run the one that reaches the host over IPv6 only."""
+    if family == 4:
+        return client_net
+    net: ClientNet = request.getfixturevalue("client_net6")
+    return net
+
+
+@pytest.fixture
+def containers(containers: Containers, family: int, request: pytest.FixtureRequest) -> Containers:
+    """For a v6 run, containers start on the dual-stack network (`network:set initial-network`)."""
+    if family == 6:
+        containers.network = request.getfixturevalue("dual_network")
+    return containers
 
 
 @pytest.fixture(params=BACKENDS)
@@ -56,7 +80,7 @@ def route_to(cli: Cli, app: str, *container_ids: str) -> None:
 
 
 def test_new_flows_switch_and_old_flows_stay(
-    cli: Cli, client_net: ClientNet, containers: Containers
+    cli: Cli, client_net: ClientNet, containers: Containers, family: int
 ) -> None:
     cli("ports", "set", "mail", input=f"{PORT}:5025\n")
     v1 = containers.start("v1")
@@ -71,6 +95,11 @@ def test_new_flows_switch_and_old_flows_stay(
             assert client_net.connect_once(PORT) == {"tag": "v2"}
         # (a) the flow opened before the switch keeps talking to the old container
         assert held.ask("still there?") == "v1 still there?"
+        # status shows the route of this family, onto the new container's address of it
+        rows = [r for r in cli.status() if r["family"] == family]
+        assert [r["backends"] for r in rows] == [
+            [{"container_id": v2.id, "ip": v2.address(family), "port": 5025}]
+        ]
     finally:
         held.close()
 

@@ -2,7 +2,8 @@
  * echod: the backend of natports' tests and demo.
  *
  * Usage: echod TAG PORT [PORT...]
- * For each PORT it serves TCP and UDP on all addresses.
+ * For each PORT it serves TCP and UDP on all addresses, IPv4 and (where the container
+ * has it) IPv6.
  *   TCP: sends "TAG\n" on accept, then answers every line L with "TAG L\n".
  *   UDP: answers every datagram D with "TAG D".
  * The tag lets a test see which container (release) answered.
@@ -21,10 +22,27 @@
 
 static const char *tag;
 
+/* Dual-stack (one v6 socket that also takes v4, as v4-mapped addresses) where the
+ * container has IPv6; a plain v4 socket where the kernel refuses AF_INET6. */
 static int listen_on(int type, int port) {
-    int fd = socket(AF_INET, type, 0);
-    int one = 1;
+    int one = 1, zero = 0;
+    int fd = socket(AF_INET6, type, 0);
+    if (fd >= 0) {
+        struct sockaddr_in6 sa6;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
+        memset(&sa6, 0, sizeof sa6);
+        sa6.sin6_family = AF_INET6;
+        sa6.sin6_port = htons((unsigned short)port);
+        sa6.sin6_addr = in6addr_any;
+        if (bind(fd, (struct sockaddr *)&sa6, sizeof sa6) == 0) {
+            if (type == SOCK_STREAM && listen(fd, 1024) < 0) { perror("listen"); exit(1); }
+            return fd;
+        }
+        close(fd);
+    }
     struct sockaddr_in sa;
+    fd = socket(AF_INET, type, 0);
     if (fd < 0) { perror("socket"); exit(1); }
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     memset(&sa, 0, sizeof sa);
