@@ -23,6 +23,12 @@ def cli(tmp_path: Path) -> Cli:
 
 
 @pytest.fixture
+def family() -> int:
+    """The address family a test drives: 4, unless it is parametrized (BOTH_FAMILIES)."""
+    return 4
+
+
+@pytest.fixture
 def clean_kernel() -> Iterator[None]:
     """natports' table is gone before and after the test, whatever happens in it."""
     if shutil.which("nft") is None:
@@ -55,9 +61,8 @@ def client_net6() -> Iterator[ClientNet]:
 @pytest.fixture(scope="session")
 def dual_network() -> Iterator[str]:
     """The tests' dual-stack Docker network (see tests.infra.DUAL_NETWORK)."""
-    name = create_dual_network()
     try:
-        yield name
+        yield create_dual_network()
     finally:
         remove_dual_network()
 

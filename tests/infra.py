@@ -20,10 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 NETCLIENT = str(Path(__file__).with_name("netclient.py"))
 TEST_IMAGE = os.environ.get("NATPORTS_TEST_IMAGE", "natports-echod:test")
 NFT_TABLE = "natports_test"  # tests never touch a real installation's table
 TABLE = ("inet", NFT_TABLE)
+# Runs a test once per address family (the `family` fixture; see tests/e2e/conftest.py).
+BOTH_FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["v4", "v6"])
 
 
 def sh(
@@ -295,23 +299,47 @@ class Container:
 
 # A user network with IPv6, as `docker network create --ipv6` makes it: Docker 20.10
 # needs no daemon-level IPv6 setting for it, and sets net.ipv6.conf.all.forwarding=1
-# when it creates it. Containers started on it get a v4 and a v6 address.
+# when it creates it (moby v20.10.24 vendor/github.com/docker/libnetwork/drivers/bridge/
+# bridge.go:755, setup_ipv6.go:93-120). Containers started on it get a v4 and a v6 address.
 DUAL_NETWORK = "natports-test-dual"
+DUAL_BRIDGE = "np-dual0"
 DUAL_SUBNET6 = "fd77:1::/64"  # a ULA: never routed beyond this host
+DUAL_KEEPER = f"{DUAL_NETWORK}-keeper"
 
 
-def create_dual_network() -> str:
-    """The tests' dual-stack network (made if missing); its name."""
+def create_dual_network(timeout: float = 15.0) -> str:
+    """The tests' dual-stack network (made if missing), ready for v6 traffic; its name.
+
+    A bridge comes up when its first container joins, and its v6 addresses (the
+    containers' gateway among them) are then tentative for about 2 s (duplicate address
+    detection): replies from containers are lost meanwhile. On a real host other
+    containers keep the bridge up; here a keeper container does, for the whole session.
+    """
     found = sh("docker", "network", "inspect", "-f", "{{.EnableIPv6}}", DUAL_NETWORK, check=False)
-    if found.returncode == 0 and found.stdout.strip() == "true":
-        return DUAL_NETWORK
-    if found.returncode == 0:  # a stale one without IPv6: not ours to keep
-        sh("docker", "network", "rm", DUAL_NETWORK)
-    sh("docker", "network", "create", "--ipv6", "--subnet", DUAL_SUBNET6, DUAL_NETWORK)
-    return DUAL_NETWORK
+    if found.returncode == 0 and found.stdout.strip() != "true":
+        remove_dual_network()  # a stale one without IPv6: not ours to keep
+    if found.returncode != 0 or found.stdout.strip() != "true":
+        sh(
+            "docker", "network", "create", "--ipv6", "--subnet", DUAL_SUBNET6,
+            "-o", f"com.docker.network.bridge.name={DUAL_BRIDGE}", DUAL_NETWORK,
+        )  # fmt: skip
+    sh("docker", "rm", "-f", DUAL_KEEPER, check=False)
+    sh(
+        "docker", "run", "-d", "--name", DUAL_KEEPER, "--network", DUAL_NETWORK,
+        TEST_IMAGE, "keeper", "5999",
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        addrs = sh("ip", "-6", "-o", "addr", "show", "dev", DUAL_BRIDGE, "scope", "global").stdout
+        tentative = sh("ip", "-6", "-o", "addr", "show", "dev", DUAL_BRIDGE, "tentative").stdout
+        if addrs.strip() and not tentative.strip():
+            return DUAL_NETWORK
+        assert time.monotonic() < deadline, f"{DUAL_BRIDGE} stays tentative: {tentative}"
+        time.sleep(0.1)
 
 
 def remove_dual_network() -> None:
+    sh("docker", "rm", "-f", DUAL_KEEPER, check=False)
     sh("docker", "network", "rm", DUAL_NETWORK, check=False)
 
 

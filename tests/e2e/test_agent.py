@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.infra import (
+    BOTH_FAMILIES,
     NFT_TABLE,
     Cli,
     ClientNet,
@@ -177,6 +178,7 @@ def test_a_container_restarted_by_its_restart_policy_is_routed_again(
     assert back - running_again < 5  # generous for CI; the measured figure is printed
 
 
+@BOTH_FAMILIES
 def test_a_udp_client_that_sent_before_the_route_existed_is_answered_after_apply(
     cli: Cli, client_net: ClientNet, containers: Containers
 ) -> None:
@@ -195,6 +197,7 @@ def test_a_udp_client_that_sent_before_the_route_existed_is_answered_after_apply
         flow.close()
 
 
+@BOTH_FAMILIES
 def test_a_udp_client_moves_from_the_proxy_to_the_kernel_backend(
     cli: Cli, client_net: ClientNet, containers: Containers
 ) -> None:

@@ -1,9 +1,9 @@
 """The core promise, with real containers and a client in another network namespace.
 
 One behavioural suite for every backend: nftables, iptables (both xtables
-variants) and the userspace proxy, and for both address families: the v4 runs use
-Docker's default bridge and a v4 client netns, the v6 runs containers on the tests'
-dual-stack network (tests.infra.DUAL_NETWORK) and a client netns that has only IPv6.
+variants) and the userspace proxy, and for both address families (tests/e2e/conftest.py:
+the v4 runs use Docker's default bridge and a v4 client netns, the v6 runs containers on
+the tests' dual-stack network and a client netns that has only IPv6).
 """
 
 from __future__ import annotations
@@ -15,33 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import Cli, ClientNet, Containers, sh
+from tests.infra import BOTH_FAMILIES, Cli, ClientNet, Containers, sh
 
-pytestmark = pytest.mark.usefixtures("clean_kernel")
+pytestmark = [pytest.mark.usefixtures("clean_kernel"), BOTH_FAMILIES]
 
 BACKENDS = ["nftables", "iptables-nft", "iptables-legacy", "proxy"]
-
-
-@pytest.fixture(params=[4, 6], ids=["v4", "v6"])
-def family(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
-
-
-@pytest.fixture
-def client_net(client_net: ClientNet, family: int, request: pytest.FixtureRequest) -> ClientNet:
-    """The v4 client netns, or for a v6 run the one that reaches the host over IPv6 only."""
-    if family == 4:
-        return client_net
-    net: ClientNet = request.getfixturevalue("client_net6")
-    return net
-
-
-@pytest.fixture
-def containers(containers: Containers, family: int, request: pytest.FixtureRequest) -> Containers:
-    """For a v6 run, containers start on the dual-stack network (`network:set initial-network`)."""
-    if family == 6:
-        containers.network = request.getfixturevalue("dual_network")
-    return containers
 
 
 @pytest.fixture(params=BACKENDS)
