@@ -194,7 +194,11 @@ def test_udp_flow_stays_while_its_container_lives_and_moves_when_it_dies(
     v1 = containers.start("v1")
     route_to(cli, "dns", v1.id)
     flow = client_net.udp_hold(PORT)
-    watcher = subprocess.Popen(cli.argv("watch"), stderr=subprocess.PIPE, text=True)
+    # with the CLI's environment: a watcher of another iptables variant would "repair"
+    # the routes into its own tables, where they shadow those of the tested variant
+    watcher = subprocess.Popen(
+        cli.argv("watch"), stderr=subprocess.PIPE, text=True, env=cli.full_env()
+    )
     try:
         assert flow.ask("a") == "v1 a"
         v2 = containers.start("v2")
