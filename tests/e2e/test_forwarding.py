@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.infra import Cli, ClientNet, Containers, sh
+from tests.infra import BOTH_FAMILIES, Cli, ClientNet, Containers, sh
 
 PORT = 23125  # below the ephemeral range; clear of the other suites' ports
 JUMP = "-A DOCKER-USER -j NATPORTS_TEST-FWD"
@@ -38,6 +38,7 @@ def docker_proxies() -> int:
     return int(out.stdout.strip() or 0)
 
 
+@BOTH_FAMILIES
 def test_an_unpublished_container_is_reached_and_flush_removes_the_jump(
     nft_cli: Cli, client_net: ClientNet, containers: Containers
 ) -> None:
@@ -74,8 +75,9 @@ def test_without_the_accept_docker_drops_the_flow(
         nft_cli("flush")
 
 
+@BOTH_FAMILIES
 def test_a_udp_range_is_one_route_no_docker_argument_and_no_process(
-    nft_cli: Cli, client_net: ClientNet, containers: Containers
+    nft_cli: Cli, client_net: ClientNet, containers: Containers, family: int
 ) -> None:
     first, count = 23200, 50
     ports = list(range(6000, 6000 + count))
@@ -87,23 +89,27 @@ def test_a_udp_range_is_one_route_no_docker_argument_and_no_process(
     assert docker_proxies() == before
     try:
         nft_cli("apply", "--app", "rtp", "--container", c.id)
+        # a container on the dual-stack network is routed on both families
+        families = [4] if family == 4 else [4, 6]
         rows = nft_cli.status()
-        assert [(r["public_port"], r["public_port_end"], r["private_port_end"]) for r in rows] == [
-            (first, first + count - 1, 6000 + count - 1)
+        assert [(r["family"], r["public_port"], r["public_port_end"]) for r in rows] == [
+            (f, first, first + count - 1) for f in families
         ]
+        assert {r["private_port_end"] for r in rows} == {6000 + count - 1}
         if nft_cli.backend == "nftables":
             table = sh("nft", "list", "table", "inet", "natports_test").stdout
-            assert table.count("udp . 23200-23249") == 1
+            assert table.count("udp . 23200-23249") == len(families)  # one per family
         else:
-            nat = sh("iptables-save", "-t", "nat").stdout
-            assert nat.count("--dport 23200:23249") == 1
+            for f in families:
+                nat = sh("iptables-save" if f == 4 else "ip6tables-save", "-t", "nat").stdout
+                assert nat.count("--dport 23200:23249") == 1
         for port in random.sample(range(first, first + count), 3):
             flow = client_net.udp_hold(port)
             try:
                 assert flow.ask("x") == "v1 x", port
             finally:
                 flow.close()
-        assert nft_cli.status()[0]["packets"] >= 3
+        assert next(r for r in nft_cli.status() if r["family"] == family)["packets"] >= 3
         human = nft_cli("status").stdout
         assert f"*:{first}-{first + count - 1}/udp" in human
     finally:
