@@ -222,11 +222,13 @@ def status(ctx: engine.Context, as_json: bool) -> None:
 
 
 def _flows_text(flows: object) -> str:
-    """`ip:port=N` per target holding live flows (old containers draining included)."""
+    """`ip:port=N` (`[ip6]:port=N`) per target holding live flows (old containers draining
+    included)."""
     if not isinstance(flows, list):
         return "-"
     parts = [
-        f"{f['ip']}:{f['port']}={int(f['tcp_established']) + int(f['udp'])}"
+        f"{host_text(ip_address(str(f['ip'])))}:{f['port']}="
+        f"{int(f['tcp_established']) + int(f['udp'])}"
         for f in flows
         if isinstance(f, dict)
     ]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import Any
 
 from . import engine
 from .errors import NatportsError
+from .model import host_text
 
 
 @dataclass
@@ -103,7 +105,7 @@ def render_rows(rows: list[dict[str, object]], agent: dict[str, Any] | None) -> 
                 "app": row["app"],
                 "protocol": row["protocol"],
                 "public_port": row["public_port"],
-                "target": f"{count['ip']}:{count['port']}",
+                "target": f"{host_text(ip_address(str(count['ip'])))}:{count['port']}",
             }
             if row["protocol"] == "tcp":
                 flows.add(count["tcp_established"], **labels, state="established")

@@ -292,3 +292,19 @@ def test_proxy_counts_become_metrics() -> None:
         'natports_proxy_refused_total{app="dns",protocol="udp",public_port="53",'
         'cause="route_max_udp_flows"} 9'
     ) in lines
+
+
+def test_metrics_target_of_a_v6_backend_is_bracketed() -> None:
+    rows: list[dict[str, object]] = [
+        {
+            "app": "six",
+            "backend": "nftables",
+            "protocol": "udp",
+            "public_port": 53,
+            "flows": [{"ip": "fd77:1::2", "port": 5025, "tcp_established": 0, "udp": 1}],
+        }
+    ]
+    assert (
+        'natports_flows{app="six",protocol="udp",public_port="53",'
+        'target="[fd77:1::2]:5025",state="active"} 1'
+    ) in render_rows(rows, None).splitlines()

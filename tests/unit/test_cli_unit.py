@@ -274,3 +274,13 @@ def test_errors_in_state_are_runtime_errors(run: Run, tmp_path: Path) -> None:
     result = run("ports", "show", "mail")
     assert result.exit_code == 1 and "cannot read" in result.stderr
     assert result.stderr.splitlines()[-1] == "hint: restore or remove the file"
+
+
+def test_flows_text_brackets_v6_targets() -> None:
+    from natports.cli import _flows_text
+
+    flows = [
+        {"ip": "172.17.0.2", "port": 5025, "tcp_established": 1, "udp": 0},
+        {"ip": "fd77:1::2", "port": 5025, "tcp_established": 0, "udp": 2},
+    ]
+    assert _flows_text(flows) == "172.17.0.2:5025=1,[fd77:1::2]:5025=2"
