@@ -324,16 +324,23 @@ def create_dual_network(timeout: float = 15.0) -> str:
             "-o", f"com.docker.network.bridge.name={DUAL_BRIDGE}", DUAL_NETWORK,
         )  # fmt: skip
     sh("docker", "rm", "-f", DUAL_KEEPER, check=False)
+    # A restart policy brings it back after a test restarts dockerd (test_agent.py).
     sh(
         "docker", "run", "-d", "--name", DUAL_KEEPER, "--network", DUAL_NETWORK,
-        TEST_IMAGE, "keeper", "5999",
+        "--restart", "unless-stopped", TEST_IMAGE, "keeper", "5999",
     )  # fmt: skip
+    wait_dual_bridge(timeout)
+    return DUAL_NETWORK
+
+
+def wait_dual_bridge(timeout: float = 15.0) -> None:
+    """Until the dual-stack bridge has its v6 addresses and none is tentative (DAD)."""
     deadline = time.monotonic() + timeout
     while True:
         addrs = sh("ip", "-6", "-o", "addr", "show", "dev", DUAL_BRIDGE, "scope", "global").stdout
         tentative = sh("ip", "-6", "-o", "addr", "show", "dev", DUAL_BRIDGE, "tentative").stdout
         if addrs.strip() and not tentative.strip():
-            return DUAL_NETWORK
+            return
         assert time.monotonic() < deadline, f"{DUAL_BRIDGE} stays tentative: {tentative}"
         time.sleep(0.1)
 
@@ -411,6 +418,8 @@ class Containers:
         ip, ip6 = _addresses(container.attrs)
         if self.network:
             assert ip6, f"no IPv6 address on {self.network}: {container.attrs['NetworkSettings']}"
+            if self.network == DUAL_NETWORK:
+                wait_dual_bridge()  # at once, unless dockerd restarted since the keeper came up
         return Container(container.id, container.name, ip, ip6)
 
     def stop(self, cid: str, timeout: int = 5) -> None:
