@@ -330,6 +330,18 @@ def create_dual_network(timeout: float = 15.0) -> str:
         "--restart", "unless-stopped", TEST_IMAGE, "keeper", "5999",
     )  # fmt: skip
     wait_dual_bridge(timeout)
+    keeper = sh(
+        "docker", "inspect", "-f",
+        f"{{{{(index .NetworkSettings.Networks \"{DUAL_NETWORK}\").GlobalIPv6Address}}}}",
+        DUAL_KEEPER,
+    ).stdout.strip()  # fmt: skip
+    try:
+        socket.create_connection((keeper, 5999), timeout=5).close()
+    except OSError as exc:
+        raise AssertionError(
+            f"{TEST_IMAGE} does not answer on IPv6 ([{keeper}]:5999: {exc}): an echod "
+            "built before it served IPv6? Rebuild the image (./scripts/test does)"
+        ) from None
     return DUAL_NETWORK
 
 
