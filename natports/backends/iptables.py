@@ -164,8 +164,11 @@ class IptablesBackend:
         try:
             text = self._run("save", ["-c", "-t", "nat"], family=family)
         except NatportsError as exc:
-            if family == 6 and "not found" in exc.message:
-                return LiveNat()  # no ip6tables installed: nothing of ours in IPv6
+            unusable = "not found" in exc.message or "ip6tables-save failed" in exc.message
+            if family == 6 and unusable:
+                # No ip6tables, or no IPv6 nat here (IPv6 disabled): nothing of ours can be
+                # in it, and IPv4-only hosts keep working. A lock or permission error raises.
+                return LiveNat()
             raise
         return ipt_render.parse_save(text, self.layout)
 
