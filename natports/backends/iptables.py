@@ -31,7 +31,6 @@ from . import ipt_render
 from .ipt_render import Layout, LiveNat, LiveTables
 
 Variant = Literal["nft", "legacy"]
-
 VARIANTS: dict[str, Variant] = {"nft": "nft", "legacy": "legacy"}  # str -> Variant, checked
 LOCK_WAIT_SECONDS = 30  # bounded -w: a stuck lock holder yields an error, not a hang
 IP6_TABLES_NAMES = Path("/proc/net/ip6_tables_names")  # legacy ip6 tables the kernel has loaded
