@@ -148,8 +148,9 @@ class IptablesBackend:
                 return family == 6  # no ip6tables: nothing of ours can be in IPv6
             if proc.returncode == 0:
                 continue
-            # IPv6: no chain of ours at all means IPv6 is not in use, not that it was lost.
-            return family == 6 and _no_such_chain(proc.stderr)
+            # IPv6: only a jump missing from under a chain of ours that exists is a loss;
+            # no such chain (IPv6 not in use) or no IPv6 at all (disabled) is not.
+            return family == 6 and not _jump_missing(proc.stderr)
         return True
 
     def _is_flush(self, batch: str) -> bool:
@@ -246,9 +247,9 @@ def _ip(family: int) -> str:
     return "ip6tables" if family == 6 else "iptables"
 
 
-def _no_such_chain(stderr: str) -> bool:
-    """`-C` of a jump to a chain that does not exist (nft and legacy say it differently)."""
+def _jump_missing(stderr: str) -> bool:
+    """`-C` of a jump our existing chain lacks: "Bad rule" (nft), "No chain/target/match by
+    that name" (legacy). A missing chain of ours says "Chain 'X' does not exist" (nft) or
+    "Couldn't load target `X'" (legacy)."""
     text = stderr.lower()
-    # nft: "Chain 'X' does not exist"; legacy: "Couldn't load target `X'". A missing rule
-    # in an existing chain is "Bad rule" (nft) or "No chain/target/match by that name".
-    return "does not exist" in text or "couldn't load target" in text
+    return "bad rule" in text or "no chain/target/match" in text

@@ -298,6 +298,8 @@ def test_intact_checks_the_ipv6_jumps_where_our_ipv6_chains_exist(
     missing = "ip6tables v1.8.9 (nf_tables): Chain 'NPTEST-PRE' does not exist\n"
     check6.answer(None, err=missing, rc=2)
     assert backend.intact() is True  # no IPv6 chain of ours: IPv6 not in use
+    check6.answer(None, err="ip6tables: Address family not supported by protocol", rc=3)
+    assert backend.intact() is True  # no IPv6 at all (ipv6.disable=1): nothing to lose
     check6.answer(
         None, err="ip6tables: Bad rule (does a matching rule exist in that chain?).", rc=1
     )
