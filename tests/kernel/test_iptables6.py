@@ -328,10 +328,11 @@ def test_a_v6_hairpin_flow_is_masqueraded(ipt: IptablesBackend, net6: ClientNet)
         )
         ipt.run(ipt.plan_app([], [hairpin]))
         assert net6.connect_once(25067, host=HOST6) == {"tag": HOST6}
-        # Without the subnet the flow is not masqueraded: the backend answers the client
-        # directly, from an address the client never dialled, and the connection fails.
-        ipt.run(ipt.plan_app([hairpin], [replace(hairpin, hairpin_subnets=())]))
-        assert "error" in net6.connect_once(25067, host=HOST6)
+        if ipt.variant == "nft":  # the premise, once (a failed connect waits 5 s)
+            # Without the subnet the flow is not masqueraded: the backend answers the client
+            # directly, from an address the client never dialled, and the connect fails.
+            ipt.run(ipt.plan_app([hairpin], [replace(hairpin, hairpin_subnets=())]))
+            assert "error" in net6.connect_once(25067, host=HOST6)
     finally:
         server.kill()
         server.wait()
