@@ -17,16 +17,28 @@ Docker's nftables firewall (`--firewall-backend=nftables`, 29) has no DOCKER-USE
 (firewall_linux.go: "There's no equivalent to DOCKER-USER in the nftables
 implementation"); there, and wherever DOCKER-USER is missing, natports falls
 back to publishing each private port on loopback (`mode()` says which).
+
+IPv6: Docker 20.10 creates DOCKER-USER for IPv4 only ("TODO IPv6 support",
+vendor/github.com/docker/libnetwork/firewall_linux.go, arrangeUserFilterRule);
+Docker 28/29 creates it in ip6tables too when ip6tables is on (the default from
+27: daemon/libnetwork/firewall_linux.go setupUserChains, for each of
+controller_linux.go enabledIptablesVersions). Where the IPv6 DOCKER-USER exists,
+natports puts the same chain and jump there (same bit: the conntrack mark is
+per flow, whatever the family); where it does not, natports leaves IPv6's filter
+alone (docs/forwarding.md says what passes then).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from .backends.nft_render import CT_MARK
 from .errors import NatportsError
 from .runner import ToolMissing, run
+
+IP6_TABLES_NAMES = Path("/proc/net/ip6_tables_names")  # legacy ip6 tables the kernel loaded
 
 USER_CHAIN = "DOCKER-USER"
 Mode = Literal["docker-user", "publish"]
@@ -104,22 +116,35 @@ def mode_of(live: Filter, prefix: str) -> Mode:
 
 
 class Forwarding:
-    """The effects: read and change the filter table through the xtables variant Docker uses."""
+    """The effects: read and change the filter tables through the xtables variant Docker uses.
+
+    `ensure` and `remove` cover IPv4 and, where Docker made an IPv6 DOCKER-USER, IPv6
+    (`six`); `available` and `mode` tell about IPv4, which decides whether deploys
+    publish ports (Docker without an IPv4 DOCKER-USER has none for IPv6 either).
+    """
 
     def __init__(self, prefix: str, variant: str, v6: bool = False) -> None:
         self.prefix = prefix
+        self.v6 = v6
+        self.legacy = variant == "legacy"
         self.tool = f"ip{'6' if v6 else ''}tables-{variant}"
+        self.six = None if v6 else Forwarding(prefix, variant, v6=True)
 
     def live(self) -> Filter:
+        if self.v6 and self.legacy and not _legacy_filter6_loaded():
+            return Filter(False, 0, (), False)  # reading it would load the module; nothing there
         return parse(self._run("save", ["-t", "filter"]), self.prefix)
 
     def ensure(self) -> Mode:
-        """Install the chain and the jump if Docker's DOCKER-USER exists; say what is in force."""
+        """Install the chain and the jump where Docker's DOCKER-USER exists (IPv4, then
+        IPv6); say what is in force for IPv4."""
         live = self.live()
         batch = render_ensure(live, self.prefix)
         if batch:
             self._run("restore", ["--wait=30", "--noflush"], batch)
             live = self.live()
+        if self.six is not None:
+            self.six.ensure()
         return mode_of(live, self.prefix)
 
     def available(self) -> bool:
@@ -130,9 +155,20 @@ class Forwarding:
         batch = render_remove(self.live(), self.prefix)
         if batch:
             self._run("restore", ["--wait=30", "--noflush"], batch)
+        if self.six is not None:
+            self.six.remove()
 
     def mode(self) -> Mode:
         return mode_of(self.live(), self.prefix)
+
+    def forward_policy(self) -> str | None:
+        """FORWARD's policy (ACCEPT, DROP) as -save prints it; None: no filter table there."""
+        if self.v6 and self.legacy and not _legacy_filter6_loaded():
+            return None
+        for line in self._run("save", ["-t", "filter"]).splitlines():
+            if line.startswith(":FORWARD "):
+                return line.split()[1]
+        return None
 
     def _run(self, what: str, args: list[str], stdin: str = "") -> str:
         try:
@@ -147,3 +183,10 @@ class Forwarding:
                 "natports keeps needing -p 127.0.0.1::PORT for its containers",
             )
         return proc.stdout
+
+
+def _legacy_filter6_loaded() -> bool:
+    try:
+        return "filter" in IP6_TABLES_NAMES.read_text().split()
+    except OSError:
+        return False

@@ -85,6 +85,40 @@ def check_iptables() -> Check:
     return Check("iptables", True, f"iptables works, variant {variant}")
 
 
+def _legacy6_loaded(table: str) -> bool:
+    try:
+        return table in Path("/proc/net/ip6_tables_names").read_text().split()
+    except OSError:
+        return False
+
+
+def check_ip6tables() -> Check:
+    """What the iptables backend needs for IPv6 routes (IPv4 routes do not need it)."""
+    variant = iptables_variant()
+    restore = f"ip6tables-{variant}-restore"
+    if shutil.which(restore) is None:
+        return Check(
+            "ip6tables",
+            False,
+            f"{restore} not found: the iptables backend cannot route IPv6",
+            "apt-get install iptables (IPv4 routes do not need it)",
+        )
+    if variant == "legacy" and not _legacy6_loaded("nat"):
+        return Check(
+            "ip6tables", True, "ip6tables present (legacy); its nat table loads at the first route"
+        )
+    proc = _run(f"ip6tables-{variant}-save", "-t", "nat")
+    if proc is None or proc.returncode != 0:
+        why = _first_line(proc.stderr) if proc else "could not run ip6tables-save"
+        return Check(
+            "ip6tables",
+            False,
+            f"ip6tables ({variant}) cannot read the IPv6 nat table: {why}",
+            "IPv6 disabled or no ip6 nat in this kernel: IPv6 routes need the nftables backend",
+        )
+    return Check("ip6tables", True, f"ip6tables works, variant {variant} (IPv6 routes)")
+
+
 def check_cap_net_admin() -> Check:
     try:
         status = Path("/proc/self/status").read_text()
@@ -175,6 +209,48 @@ def check_forwarding(prefix: str = "NATPORTS") -> Check:
         True,
         f"DOCKER-USER exists; natports adds its accept ({chain(prefix)}) at the next apply, "
         "and deploys then need no published ports",
+    )
+
+
+def check_forwarding6(prefix: str = "NATPORTS") -> Check:
+    """How natports' IPv6 flows pass FORWARD: Docker's IPv6 DOCKER-USER, or nothing filters."""
+    from .forwarding import Forwarding, chain, mode_of
+
+    six = Forwarding(prefix, iptables_variant(), v6=True)
+    live = six.live()
+    if live.has_user_chain and mode_of(live, prefix) == "docker-user":
+        return Check(
+            "forwarding6", True, f"IPv6 DOCKER-USER jumps to {chain(prefix)}: IPv6 flows pass"
+        )
+    if live.has_user_chain:
+        return Check(
+            "forwarding6",
+            True,
+            f"IPv6 DOCKER-USER exists; natports adds its accept ({chain(prefix)}) "
+            "at the next apply",
+        )
+    if not Forwarding(prefix, iptables_variant()).live().has_user_chain:
+        return Check(
+            "forwarding6",
+            True,
+            "no DOCKER-USER in either family (Docker's nftables firewall, --iptables=false, "
+            "or Docker not running): natports adds no IPv6 accept; IPv6 flows pass only where "
+            "nothing else filters them (a loopback-published port opens IPv4 only)",
+        )
+    if six.forward_policy() == "DROP":
+        return Check(
+            "forwarding6",
+            False,
+            "IPv6 FORWARD drops by default and there is no IPv6 DOCKER-USER (Docker 20.10 with "
+            "ip6tables on): IPv6 flows natports DNATs to containers are dropped",
+            "route IPv4 only, or use a Docker that makes an IPv6 DOCKER-USER (27+); "
+            "see docs/forwarding.md",
+        )
+    return Check(
+        "forwarding6",
+        True,
+        "no IPv6 DOCKER-USER and IPv6 FORWARD does not drop (Docker does not filter IPv6 "
+        "with ip6tables): IPv6 flows pass",
     )
 
 

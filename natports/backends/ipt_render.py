@@ -1,4 +1,8 @@
-"""Routes -> `iptables-restore --noflush` input for the IPv4 nat table. Pure: tested by exact text.
+"""Routes -> `ip[6]tables-restore --noflush` input for the nat tables. Pure: tested by exact text.
+
+IPv4 routes go to the IPv4 nat table, IPv6 routes to the IPv6 one (ip6tables), each
+with the same layout; the two are separate tables, so one batch is two restores
+(see "Two tables" below).
 
 Layout (P is the prefix, NATPORTS unless a test picks its own; every chain named
 `P-...` is ours, and the three jumps from the built-in chains are the only rules
@@ -8,7 +12,7 @@ natports adds to chains it does not own):
     OUTPUT       -j P-OUT        inserted first
     POSTROUTING  -j P-POST       inserted first
     P-PRE        -m addrtype --dst-type LOCAL -j P-DISPATCH
-    P-OUT        ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j P-DISPATCH
+    P-OUT        ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j P-DISPATCH   (v6: ! -d ::1/128)
     P-POST       flows carrying the hairpin mark bit: clear it, MASQUERADE
     P-DISPATCH   one rule per app                          -j P-A-<hash of app>
     P-A-<hash>   one rule per route: [-d IP] -p PROTO --dport PORT -j P-R-<hash of app+key>
@@ -28,8 +32,14 @@ the text the kernel holds, read just before. Counters live on the DNAT rules; a
 rewrite puts the route's total onto its new last DNAT rule (`-c`), so totals
 survive switches as the nft backend's named counters do.
 
-(Just over 400 lines: the layout, the parser of `iptables-save` and the three renderers
-share the chain naming above and are tested together by exact text.)
+Two tables: a batch is the IPv4 table's restore input, then, when IPv6 is involved,
+the line V6_MARK and the IPv6 table's input (`split_batch`). The IPv4 part always
+comes (its skeleton is the anchor `intact` checks); the IPv6 part only when the app
+has or had IPv6 routes or the IPv6 table holds something of ours, so hosts without
+IPv6 routes never see an ip6tables call that changes anything.
+
+(About 500 lines: the layout, the parser of `iptables-save`, the three renderers and
+their two-table forms share the chain naming above and are tested together by exact text.)
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..model import Backend, Route
+from ..model import Backend, Route, host_text
 
 DEFAULT_PREFIX = "NATPORTS"
 HAIRPIN_MARK = 0x00100000
@@ -51,6 +61,8 @@ CT_MARK = 0x00100000  # conntrack mark bit of flows natports DNATed, as in nft_r
 HASH_LEN = 12
 PREFIX_RE = re.compile(r"[A-Z][A-Z0-9_]{0,12}")
 _COUNTER_RE = re.compile(r"^\[(\d+):(\d+)\]\s+")
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}  # as iptables-save prints them
+V6_MARK = "# IPv6: ip6tables-restore --noflush"  # a comment line to restore, should it see one
 
 
 def _digest(text: str) -> str:
@@ -207,22 +219,29 @@ class _Batch:
         return "\n".join([*lines, "COMMIT"]) + "\n"
 
 
-def _check(routes: Iterable[Route]) -> None:
+def _check(routes: Iterable[Route], family: int) -> None:
     for route in routes:
-        if route.key.family != 4:
-            raise ValueError(f"{route_label(route)}: the iptables renderer is IPv4 only")
+        if route.key.family != family:
+            raise ValueError(
+                f"{route_label(route)}: an IPv{route.key.family} route in the IPv{family} table"
+            )
 
 
-def _skeleton(batch: _Batch, layout: Layout, declare_dispatch: bool) -> None:
-    """The fixed chains, refilled every time (constant size); P-DISPATCH only when asked."""
+def _skeleton(batch: _Batch, layout: Layout, declare_dispatch: bool, family: int) -> None:
+    """The fixed chains, refilled every time (constant size); P-DISPATCH only when asked.
+
+    Host-local clients of a loopback address are not DNATed (127.0.0.0/8 would need
+    route_localnet; ::1 cannot be DNATed to another host either).
+    """
     if declare_dispatch:
         batch.declare(layout.dispatch)
     for chain in (layout.pre, layout.out, layout.post):
         batch.declare(chain)
     mark = f"{HAIRPIN_MARK:#010x}"
+    loopback = LOOPBACK[family]
     batch.rules += [
         f"-A {layout.pre} -m addrtype --dst-type LOCAL -j {layout.dispatch}",
-        f"-A {layout.out} ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j {layout.dispatch}",
+        f"-A {layout.out} ! -d {loopback} -m addrtype --dst-type LOCAL -j {layout.dispatch}",
         f"-A {layout.post} -m mark ! --mark {mark}/{mark} -j RETURN",
         f"-A {layout.post} -j MARK --xor-mark {mark}",
         f"-A {layout.post} -j MASQUERADE",
@@ -238,7 +257,7 @@ def _app_rules(layout: Layout, app: str, routes: Sequence[Route]) -> list[str]:
     lines = []
     for route in routes:
         key = route.key
-        dest = "" if key.public_ip is None else f"-d {key.public_ip}/32 "
+        dest = "" if key.public_ip is None else f"-d {key.public_ip}/{key.public_ip.max_prefixlen} "
         ports = str(key.public_port) if key.count == 1 else f"{key.public_port}:{key.public_end}"
         lines.append(
             f"-A {chain} {dest}-p {key.protocol} -m {key.protocol} --dport {ports} "
@@ -273,14 +292,18 @@ def _route_rules(layout: Layout, route: Route, carried: tuple[int, int]) -> list
 
 
 def _destination(route: Route, backend: Backend) -> str:
-    """`ip:port`; a range keeps the port (`ip`) or shifts it (`ip:first-last/public first`)."""
+    """`ip:port`; a range keeps the port (`ip`) or shifts it (`ip:first-last/public first`).
+
+    IPv6 addresses are bracketed before a port (`[fd00::2]:5025`), as libxt_DNAT reads them.
+    """
     key = route.key
-    if key.count == 1:
-        return f"{backend.ip}:{backend.port}"
-    if route.private_port == key.public_port:
+    if route.private_port == key.public_port and key.count > 1:
         return str(backend.ip)
+    host = host_text(backend.ip)
+    if key.count == 1:
+        return f"{host}:{backend.port}"
     # xt_DNAT revision 2 (Linux 4.19): the port moves by the same offset as the range
-    return f"{backend.ip}:{route.private_port}-{route.private_end}/{key.public_port}"
+    return f"{host}:{route.private_port}-{route.private_end}/{key.public_port}"
 
 
 def _hook_fixes(
@@ -317,16 +340,34 @@ def _pinned(layout: Layout, live: LiveNat) -> set[str]:
 
 
 def render_app(
-    layout: Layout, live: LiveNat, previous: Sequence[Route], desired: Sequence[Route]
+    layout: Layout,
+    live: LiveNat,
+    previous: Sequence[Route],
+    desired: Sequence[Route],
+    family: int = 4,
 ) -> str:
-    """One app's switch: its chains re-declared and refilled, what it no longer has removed."""
-    apps = {r.app for r in (*previous, *desired)}
-    if not apps:
-        return ""
-    if len(apps) != 1:
+    """One app's switch in one table (`family`'s): its chains re-declared and refilled,
+    what it no longer has removed."""
+    app = _one_app([*previous, *desired])
+    return "" if app is None else _render_app(layout, live, app, previous, desired, family)
+
+
+def _one_app(routes: Sequence[Route]) -> str | None:
+    apps = {r.app for r in routes}
+    if len(apps) > 1:
         raise ValueError(f"render_app switches one app, got {sorted(apps)}")
-    app = apps.pop()
-    _check(desired)
+    return apps.pop() if apps else None
+
+
+def _render_app(
+    layout: Layout,
+    live: LiveNat,
+    app: str,
+    previous: Sequence[Route],
+    desired: Sequence[Route],
+    family: int,
+) -> str:
+    _check(desired, family)
     desired = sorted(desired, key=Route.sort_key)
     app_chain = layout.app_chain(app)
     wanted = [layout.route_chain(r) for r in desired]
@@ -336,7 +377,7 @@ def render_app(
     gone = sorted(held - set(wanted))
 
     batch = _Batch()
-    _skeleton(batch, layout, declare_dispatch=layout.dispatch not in live.chains)
+    _skeleton(batch, layout, declare_dispatch=layout.dispatch not in live.chains, family=family)
     batch.declare(app_chain)
     for chain in [*wanted, *gone]:
         batch.declare(chain)
@@ -361,15 +402,17 @@ def render_app(
     return batch.text()
 
 
-def render_reconcile(layout: Layout, live: LiveNat, desired: Sequence[Route]) -> str:
-    """Make our chains exactly `desired`, whatever the kernel held (drift included)."""
-    _check(desired)
+def render_reconcile(
+    layout: Layout, live: LiveNat, desired: Sequence[Route], family: int = 4
+) -> str:
+    """Make our chains in `family`'s table exactly `desired`, whatever it held (drift included)."""
+    _check(desired, family)
     by_app: dict[str, list[Route]] = {}
     for route in sorted(desired, key=Route.sort_key):
         by_app.setdefault(route.app, []).append(route)
 
     batch = _Batch()
-    _skeleton(batch, layout, declare_dispatch=True)
+    _skeleton(batch, layout, declare_dispatch=True, family=family)
     for app in sorted(by_app):
         batch.declare(layout.app_chain(app))
         for route in by_app[app]:
@@ -413,3 +456,58 @@ def render_hook_fixes(layout: Layout, live: LiveNat) -> str:
     if not inserts and not deletes:
         return ""
     return "\n".join(["*nat", *inserts, *deletes, "COMMIT"]) + "\n"
+
+
+# -- both tables ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveTables:
+    """What the IPv4 and the IPv6 nat tables hold of ours."""
+
+    v4: LiveNat = LiveNat()
+    v6: LiveNat = LiveNat()
+
+
+def join_batch(v4: str, v6: str) -> str:
+    """One batch a person reads with --dry-run: the IPv4 input, then V6_MARK and the IPv6 one."""
+    return v4 + (f"{V6_MARK}\n{v6}" if v6 else "")
+
+
+def split_batch(batch: str) -> tuple[str, str]:
+    """(IPv4 restore input, IPv6 restore input); "" for a table the batch leaves alone."""
+    if batch.startswith(f"{V6_MARK}\n"):
+        return "", batch[len(V6_MARK) + 1 :]
+    v4, found, v6 = batch.partition(f"\n{V6_MARK}\n")
+    return (v4 + "\n", v6) if found else (batch, "")
+
+
+def _family(routes: Sequence[Route], family: int) -> list[Route]:
+    return [r for r in routes if r.key.family == family]
+
+
+def render_app_tables(
+    layout: Layout, live: LiveTables, previous: Sequence[Route], desired: Sequence[Route]
+) -> str:
+    """One app's switch in both tables. The IPv6 part only where the app has or had IPv6
+    routes, or the IPv6 table still holds its chain."""
+    app = _one_app([*previous, *desired])
+    if app is None:
+        return ""
+    v4 = _render_app(layout, live.v4, app, _family(previous, 4), _family(desired, 4), 4)
+    prev6, want6 = _family(previous, 6), _family(desired, 6)
+    if not prev6 and not want6 and layout.app_chain(app) not in live.v6.chains:
+        return v4
+    return join_batch(v4, _render_app(layout, live.v6, app, prev6, want6, 6))
+
+
+def render_reconcile_tables(layout: Layout, live: LiveTables, desired: Sequence[Route]) -> str:
+    """Both tables exactly `desired`; an IPv6 table without IPv6 routes is emptied of ours."""
+    v4 = render_reconcile(layout, live.v4, _family(desired, 4), 4)
+    want6 = _family(desired, 6)
+    v6 = render_reconcile(layout, live.v6, want6, 6) if want6 else render_flush_all(layout, live.v6)
+    return join_batch(v4, v6)
+
+
+def render_flush_all_tables(layout: Layout, live: LiveTables) -> str:
+    return join_batch(render_flush_all(layout, live.v4), render_flush_all(layout, live.v6))

@@ -1,15 +1,25 @@
-"""The iptables edge: batches through `iptables-{nft,legacy}-restore --noflush`, state from -save.
+"""The iptables edge: `ip[6]tables-{nft,legacy}-restore --noflush` batches, state from -save.
 
 For hosts where natports must share the nat table with iptables (Docker on
 iptables, a firewall that owns nftables). No binding library: python-iptables
 writes only the legacy tables and ignores the xtables lock (docs/iptables-decision.md).
 `iptables-restore --noflush` applies one table atomically on both variants and,
 with --wait, queues behind Docker and other users of the xtables lock.
+
+IPv6 routes go to the IPv6 nat table through ip6tables the same way. The two
+tables are two restores, so a batch touching both is atomic per table, not as
+a whole: `run` checks the IPv6 part with `--test` first, applies IPv4, then
+IPv6. Should the IPv6 restore still fail, the IPv4 table holds the new rules,
+the IPv6 table the old ones (its restore is atomic), and the error says so;
+the switch's state (natports/switch.py) was widened to previous + desired
+before the batch and is not narrowed, so the next apply, which re-renders both
+tables from that state, completes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from ..errors import InputError, NatportsError
@@ -18,17 +28,18 @@ from ..model import Route
 from ..probes import check_cap_net_admin
 from ..runner import ToolMissing, run
 from . import ipt_render
-from .ipt_render import Layout, LiveNat
+from .ipt_render import Layout, LiveNat, LiveTables
 
 Variant = Literal["nft", "legacy"]
 VARIANTS: dict[str, Variant] = {"nft": "nft", "legacy": "legacy"}  # str -> Variant, checked
 LOCK_WAIT_SECONDS = 30  # bounded -w: a stuck lock holder yields an error, not a hang
+IP6_TABLES_NAMES = Path("/proc/net/ip6_tables_names")  # legacy ip6 tables the kernel has loaded
 
 
 class IptablesBackend:
-    """Programs kernel DNAT through chains named `<prefix>-...` in the IPv4 nat table.
+    """Programs kernel DNAT through chains named `<prefix>-...` in the IPv4 and IPv6 nat tables.
 
-    The only rules it adds to chains it does not own are the three built-in jumps.
+    The only rules it adds to chains it does not own are the three built-in jumps (per table).
     """
 
     name = "iptables"
@@ -65,15 +76,13 @@ class IptablesBackend:
     # -- planning (pure apart from reading our own chains) ---------------------------
 
     def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
-        _refuse_ipv6(desired)
-        return ipt_render.render_app(self.layout, self.live(), previous, desired)
+        return ipt_render.render_app_tables(self.layout, self.lives(), previous, desired)
 
     def plan_reconcile(self, desired: Sequence[Route]) -> str:
-        _refuse_ipv6(desired)
-        return ipt_render.render_reconcile(self.layout, self.live(), desired)
+        return ipt_render.render_reconcile_tables(self.layout, self.lives(), desired)
 
     def plan_flush_all(self) -> str:
-        return ipt_render.render_flush_all(self.layout, self.live())
+        return ipt_render.render_flush_all_tables(self.layout, self.lives())
 
     # -- effects ------------------------------------------------------------------------
 
@@ -89,54 +98,118 @@ class IptablesBackend:
         if not flush and not self._ensured and self.forwards_unpublished():
             self.forwarding.ensure()  # before the DNAT rules that rely on it
             self._ensured = True
-        self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], batch)
+        v4, v6 = ipt_render.split_batch(batch)
+        wait = f"--wait={LOCK_WAIT_SECONDS}"
+        if v4 and v6:  # IPv6 is what a host lacks most often: find out before IPv4 changes
+            self._run("restore", [wait, "--noflush", "--test"], v6, family=6)
+        if v4:
+            self._run("restore", [wait, "--noflush"], v4)
+        if v6:
+            try:
+                self._run("restore", [wait, "--noflush"], v6, family=6)
+            except NatportsError as exc:
+                if not v4:
+                    raise
+                raise NatportsError(
+                    f"{exc.message} (the IPv4 rules were changed, the IPv6 rules were not)",
+                    "the IPv6 batch is atomic: its table holds the previous IPv6 rules; "
+                    "the next apply tries again (see --dry-run)",
+                ) from None
         if flush:
             self.forwarding.remove()  # nothing of natports is left to accept
             self._ensured = False
-        fixes = ipt_render.render_hook_fixes(self.layout, self.live())
-        if fixes:
-            self._run("restore", [f"--wait={LOCK_WAIT_SECONDS}", "--noflush"], fixes)
+        for family, part in ((4, v4), (6, v6)):
+            if not part:
+                continue
+            fixes = ipt_render.render_hook_fixes(self.layout, self.live(family))
+            if fixes:
+                self._run("restore", [wait, "--noflush"], fixes, family=family)
 
     def intact(self) -> bool:
         """Cheap: each built-in chain still jumps to ours (`-C` reads one chain, not the table).
 
         A missing chain of ours makes its jump impossible, so three checks cover the
-        skeleton; what removes natports' rules in practice removes the jumps too.
+        skeleton; what removes natports' rules in practice removes the jumps too. The
+        IPv4 skeleton is there whenever this backend routes anything (IPv6 too); the
+        IPv6 jumps are checked where the IPv6 table holds our chains (`-C` tells a
+        missing jump from a missing chain). A firewall reload that removed every IPv6
+        chain of ours but left the IPv4 ones is not seen here: the agent's periodic
+        resync puts them back.
         """
-        tool = f"iptables-{self.variant}"
+        return self._hooked(4) and (not self._v6_readable() or self._hooked(6))
+
+    def _hooked(self, family: int) -> bool:
+        tool = f"{_ip(family)}-{self.variant}"
         for builtin, ours in self.layout.hooks():
             check = [tool, f"--wait={LOCK_WAIT_SECONDS}", "-t", "nat", "-C", builtin, "-j", ours]
             try:
                 proc = run(check, path=self.search_path)
             except ToolMissing:
-                return False
-            if proc.returncode != 0:
-                return False
+                return family == 6  # no ip6tables: nothing of ours can be in IPv6
+            if proc.returncode == 0:
+                continue
+            # IPv6: only a jump missing from under a chain of ours that exists is a loss;
+            # no such chain (IPv6 not in use) or no IPv6 at all (disabled) is not.
+            return family == 6 and not _jump_missing(proc.stderr)
         return True
 
     def _is_flush(self, batch: str) -> bool:
-        """Does the batch remove every chain of ours (render_flush_all)?"""
-        return batch == ipt_render.render_flush_all(self.layout, self.live())
+        """Does the batch remove every chain of ours (render_flush_all_tables)?"""
+        return batch == self.plan_flush_all()
 
-    def live(self) -> LiveNat:
-        """Our chains and the rules touching them, with counters."""
-        return ipt_render.parse_save(self._run("save", ["-c", "-t", "nat"]), self.layout)
+    def live(self, family: int = 4) -> LiveNat:
+        """Our chains in one nat table and the rules touching them, with counters."""
+        if family == 6 and not self._v6_readable():
+            return LiveNat()
+        try:
+            text = self._run("save", ["-c", "-t", "nat"], family=family)
+        except NatportsError as exc:
+            unusable = "not found" in exc.message or "ip6tables-save failed" in exc.message
+            if family == 6 and unusable:
+                # No ip6tables, or no IPv6 nat here (IPv6 disabled): nothing of ours can be
+                # in it, and IPv4-only hosts keep working. A lock or permission error raises.
+                return LiveNat()
+            raise
+        return ipt_render.parse_save(text, self.layout)
+
+    def lives(self) -> LiveTables:
+        return LiveTables(self.live(4), self.live(6))
+
+    def _v6_readable(self) -> bool:
+        """Legacy: reading the IPv6 nat table would load its module; unloaded, it holds nothing."""
+        if self.variant != "legacy":
+            return True
+        try:
+            return "nat" in IP6_TABLES_NAMES.read_text().split()
+        except OSError:
+            return False
 
     def route_id(self, route: Route) -> str:
         return self.layout.route_chain(route)
 
     def counters(self) -> dict[str, tuple[int, int]]:
-        """route chain -> (packets, bytes) summed over its DNAT rules."""
-        live = self.live()
-        return {c: live.dnat_counters(c) for c in live.chains if self.layout.is_route_chain(c)}
+        """route chain -> (packets, bytes) summed over its DNAT rules, both tables."""
+        result = {}
+        for live in (self.live(4), self.live(6)):
+            for c in live.chains:
+                if self.layout.is_route_chain(c):
+                    result[c] = live.dnat_counters(c)
+        return result
 
-    def _run(self, tool: Literal["restore", "save"], args: list[str], stdin: str = "") -> str:
-        command = f"iptables-{self.variant}-{tool}"
+    def _run(
+        self,
+        tool: Literal["restore", "save"],
+        args: list[str],
+        stdin: str = "",
+        family: int = 4,
+    ) -> str:
+        ip = _ip(family)
+        command = f"{ip}-{self.variant}-{tool}"
         try:
             proc = run([command, *args], stdin=stdin, path=self.search_path)
         except ToolMissing:
             raise NatportsError(
-                f"iptables-{tool} not found ({command})",
+                f"{ip}-{tool} not found ({command})",
                 "install the iptables package (apt-get install iptables)",
             ) from None
         if proc.returncode == 0:
@@ -164,17 +237,19 @@ class IptablesBackend:
             )
         if tool == "restore":
             raise NatportsError(
-                f"iptables-restore failed: {err}",
+                f"{ip}-restore failed: {err}",
                 "the batch is atomic: nothing was changed (see --dry-run)",
             )
-        raise NatportsError(f"iptables-save failed: {err}")
+        raise NatportsError(f"{ip}-save failed: {err}")
 
 
-def _refuse_ipv6(routes: Sequence[Route]) -> None:
-    six = [r for r in routes if r.key.family != 4]
-    if six:
-        names = ", ".join(ipt_render.route_label(r) for r in six)
-        raise NatportsError(
-            f"the iptables backend routes IPv4 only; IPv6 routes asked for: {names}",
-            "use the nftables backend for IPv6, or give the app's containers no IPv6 address",
-        )
+def _ip(family: int) -> str:
+    return "ip6tables" if family == 6 else "iptables"
+
+
+def _jump_missing(stderr: str) -> bool:
+    """`-C` of a jump our existing chain lacks: "Bad rule" (nft), "No chain/target/match by
+    that name" (legacy). A missing chain of ours says "Chain 'X' does not exist" (nft) or
+    "Couldn't load target `X'" (legacy)."""
+    text = stderr.lower()
+    return "bad rule" in text or "no chain/target/match" in text

@@ -348,22 +348,6 @@ def test_missing_binaries_and_missing_root_are_named(ipt: IptablesBackend, tmp_p
     assert ours(ipt.variant) == []
 
 
-def test_ipv6_routes_are_refused_before_anything_runs(ipt: IptablesBackend) -> None:
-    six = Route(
-        app="mail",
-        process_type="web",
-        key=RouteKey(6, Protocol.TCP, 25025),
-        private_port=5025,
-        backends=(Backend("c", ip_address("fd00::2"), 5025),),
-    )
-    with pytest.raises(NatportsError) as err:
-        ipt.plan_app([], [six])
-    assert "IPv4 only" in err.value.message and "mail 25025/tcp" in err.value.message
-    with pytest.raises(NatportsError, match="IPv4 only"):
-        ipt.plan_reconcile([six])
-    assert ours(ipt.variant) == []
-
-
 def test_a_bad_variant_or_prefix_is_an_input_error() -> None:
     with pytest.raises(InputError, match="nft or legacy"):
         IptablesBackend("nftables", prefix=PREFIX)

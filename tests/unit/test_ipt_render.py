@@ -330,12 +330,6 @@ COMMIT
     )
 
 
-def test_ipv6_routes_are_refused() -> None:
-    six = route("mail", RouteKey(6, TCP, 25), 5025, "fd00::2", subnets=())
-    with pytest.raises(ValueError, match="IPv4 only"):
-        render_app(LAYOUT, EMPTY, [], [six])
-
-
 def test_a_route_without_backends_gets_an_empty_chain() -> None:
     """Nothing to DNAT to: the flow falls through, the renderer does not fail."""
     empty = route("mail", RouteKey(4, TCP, 25), 5025, subnets=())

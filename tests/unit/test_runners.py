@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from natports.backends import iptables as ipt_module
+from natports.backends.ipt_render import V6_MARK, split_batch
 from natports.backends.iptables import LOCK_WAIT_SECONDS, IptablesBackend
 from natports.backends.nftables import NftBackend
 from natports.errors import InputError, NatportsError
@@ -225,14 +226,96 @@ def test_intact_counters_and_plans_read_our_chains(bin_dir: Path, root_caps: Non
     assert "NPTEST-PRE" in backend.plan_flush_all()
 
 
-def test_iptables_refuses_ipv6_routes(bin_dir: Path, root_caps: None) -> None:
+def test_ipv6_goes_to_ip6tables_checked_before_ipv4_changes(bin_dir: Path, root_caps: None) -> None:
+    """One batch, two tables: the IPv6 part is `--test`ed, IPv4 restored, then IPv6."""
+    restore4 = FakeTool(bin_dir, "iptables-nft-restore")
+    restore6 = FakeTool(bin_dir, "ip6tables-nft-restore")
     FakeTool(bin_dir, "iptables-nft-save").answer(None, out=save_text("NPTEST"))
+    FakeTool(bin_dir, "ip6tables-nft-save").answer(None, out=save_text("NPTEST"))
     backend = IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
-    with pytest.raises(NatportsError, match="IPv4 only") as err:
-        backend.plan_app([], [MAIL6])
-    assert err.value.hint is not None and "nftables backend" in err.value.hint
-    with pytest.raises(NatportsError, match="IPv4 only"):
-        backend.plan_reconcile([MAIL6])
+    batch = backend.plan_app([], [MAIL, MAIL6])
+    v4, v6 = split_batch(batch)
+    assert "172.17.0.2" in v4 and "[fd00::2]:5025" in v6
+    backend.run(batch)
+    wait = f"--wait={LOCK_WAIT_SECONDS}"
+    assert restore4.calls == [f"{wait} --noflush"] and restore4.stdin(1) == v4
+    assert restore6.calls == [f"{wait} --noflush --test", f"{wait} --noflush"]
+    assert restore6.stdin(1) == restore6.stdin(2) == v6
+
+    # The IPv6 table refuses the batch even in test: nothing runs at all.
+    restore6.answer([wait, "--noflush", "--test"], err="ip6tables-restore: line 3 failed\n", rc=1)
+    with pytest.raises(NatportsError, match="ip6tables-restore failed: ip6tables-restore: line 3"):
+        backend.run(batch)
+    assert len(restore4.calls) == 1
+    # It fails only for real: IPv4 was changed, and the error says so.
+    restore6.answer([wait, "--noflush", "--test"], rc=0)
+    restore6.answer([wait, "--noflush"], err="ip6tables-restore: line 9 failed\n", rc=1)
+    with pytest.raises(NatportsError) as err:
+        backend.run(batch)
+    assert err.value.message == (
+        "ip6tables-restore failed: ip6tables-restore: line 9 failed "
+        "(the IPv4 rules were changed, the IPv6 rules were not)"
+    )
+    assert err.value.hint is not None and "next apply" in err.value.hint
+    assert len(restore4.calls) == 2
+
+
+def test_counters_and_plans_read_both_tables(bin_dir: Path, root_caps: None) -> None:
+    backend = IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
+    chain4, chain6 = backend.route_id(MAIL), backend.route_id(MAIL6)
+    assert chain4 != chain6
+    FakeTool(bin_dir, "iptables-nft-save").answer(None, out=save_text("NPTEST", route_chain=chain4))
+    FakeTool(bin_dir, "ip6tables-nft-save").answer(
+        None, out=save_text("NPTEST", route_chain=chain6)
+    )
+    assert backend.counters() == {chain4: (2, 120), chain6: (2, 120)}
+    assert chain6 in split_batch(backend.plan_reconcile([MAIL6]))[1]
+    assert chain6 in split_batch(backend.plan_flush_all())[1]
+
+
+def test_no_ip6tables_means_nothing_of_ours_in_ipv6(bin_dir: Path, root_caps: None) -> None:
+    FakeTool(bin_dir, "iptables-nft-save").answer(None, out=save_text("NPTEST"))
+    FakeTool(bin_dir, "iptables-nft")  # -C answers yes
+    backend = IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
+    assert V6_MARK not in backend.plan_app([], [MAIL]) and backend.intact()
+    assert V6_MARK not in backend.plan_flush_all()
+    with pytest.raises(NatportsError, match=r"ip6tables-restore not found") as err:
+        backend.run(backend.plan_app([], [MAIL6]))
+    assert err.value.hint is not None and "apt-get install iptables" in err.value.hint
+    # ip6tables there, but no IPv6 nat (IPv6 disabled): IPv4 routes still plan and run.
+    save6 = FakeTool(bin_dir, "ip6tables-nft-save")
+    save6.answer(None, err="ip6tables-save: Address family not supported by protocol\n", rc=1)
+    assert V6_MARK not in backend.plan_app([], [MAIL]) and backend.counters() == {}
+
+
+def test_intact_checks_the_ipv6_jumps_where_our_ipv6_chains_exist(
+    bin_dir: Path, root_caps: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    FakeTool(bin_dir, "iptables-nft")
+    check6 = FakeTool(bin_dir, "ip6tables-nft")
+    backend = IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
+    assert backend.intact() is True and len(check6.calls) == 3
+    missing = "ip6tables v1.8.9 (nf_tables): Chain 'NPTEST-PRE' does not exist\n"
+    check6.answer(None, err=missing, rc=2)
+    assert backend.intact() is True  # no IPv6 chain of ours: IPv6 not in use
+    check6.answer(None, err="ip6tables: Address family not supported by protocol", rc=3)
+    assert backend.intact() is True  # no IPv6 at all (ipv6.disable=1): nothing to lose
+    check6.answer(
+        None, err="ip6tables: Bad rule (does a matching rule exist in that chain?).", rc=1
+    )
+    assert backend.intact() is False
+    legacy = IptablesBackend("legacy", prefix="NPTEST", search_path=str(bin_dir))
+    FakeTool(bin_dir, "iptables-legacy")
+    check6 = FakeTool(bin_dir, "ip6tables-legacy")
+    check6.answer(None, err="ip6tables: No chain/target/match by that name.\n", rc=1)
+    names = bin_dir / "ip6_tables_names"
+    monkeypatch.setattr(ipt_module, "IP6_TABLES_NAMES", names)
+    names.write_text("filter\n")
+    assert legacy.intact() is True and check6.calls == []  # nat not loaded: not read
+    names.write_text("nat\nfilter\n")
+    assert legacy.intact() is False
+    check6.answer(None, err="ip6tables v1.8.9 (legacy): Couldn't load target `NPTEST-PRE'", rc=2)
+    assert legacy.intact() is True
 
 
 def test_bad_variant_or_prefix_is_input(bin_dir: Path) -> None:
