@@ -229,6 +229,14 @@ def check_forwarding6(prefix: str = "NATPORTS") -> Check:
             f"IPv6 DOCKER-USER exists; natports adds its accept ({chain(prefix)}) "
             "at the next apply",
         )
+    if not Forwarding(prefix, iptables_variant()).live().has_user_chain:
+        return Check(
+            "forwarding6",
+            True,
+            "no DOCKER-USER in either family (Docker's nftables firewall, --iptables=false, "
+            "or Docker not running): natports adds no IPv6 accept; IPv6 flows pass only where "
+            "nothing else filters them (a loopback-published port opens IPv4 only)",
+        )
     if six.forward_policy() == "DROP":
         return Check(
             "forwarding6",

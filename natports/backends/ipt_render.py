@@ -38,8 +38,8 @@ comes (its skeleton is the anchor `intact` checks); the IPv6 part only when the 
 has or had IPv6 routes or the IPv6 table holds something of ours, so hosts without
 IPv6 routes never see an ip6tables call that changes anything.
 
-(Just over 400 lines: the layout, the parser of `iptables-save` and the three renderers
-share the chain naming above and are tested together by exact text.)
+(About 500 lines: the layout, the parser of `iptables-save`, the three renderers and
+their two-table forms share the chain naming above and are tested together by exact text.)
 """
 
 from __future__ import annotations

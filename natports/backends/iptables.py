@@ -31,7 +31,6 @@ from . import ipt_render
 from .ipt_render import Layout, LiveNat, LiveTables
 
 Variant = Literal["nft", "legacy"]
-
 VARIANTS: dict[str, Variant] = {"nft": "nft", "legacy": "legacy"}  # str -> Variant, checked
 LOCK_WAIT_SECONDS = 30  # bounded -w: a stuck lock holder yields an error, not a hang
 IP6_TABLES_NAMES = Path("/proc/net/ip6_tables_names")  # legacy ip6 tables the kernel has loaded
@@ -149,8 +148,9 @@ class IptablesBackend:
                 return family == 6  # no ip6tables: nothing of ours can be in IPv6
             if proc.returncode == 0:
                 continue
-            # IPv6: no chain of ours at all means IPv6 is not in use, not that it was lost.
-            return family == 6 and _no_such_chain(proc.stderr)
+            # IPv6: only a jump missing from under a chain of ours that exists is a loss;
+            # no such chain (IPv6 not in use) or no IPv6 at all (disabled) is not.
+            return family == 6 and not _jump_missing(proc.stderr)
         return True
 
     def _is_flush(self, batch: str) -> bool:
@@ -164,8 +164,11 @@ class IptablesBackend:
         try:
             text = self._run("save", ["-c", "-t", "nat"], family=family)
         except NatportsError as exc:
-            if family == 6 and "not found" in exc.message:
-                return LiveNat()  # no ip6tables installed: nothing of ours in IPv6
+            unusable = "not found" in exc.message or "ip6tables-save failed" in exc.message
+            if family == 6 and unusable:
+                # No ip6tables, or no IPv6 nat here (IPv6 disabled): nothing of ours can be
+                # in it, and IPv4-only hosts keep working. A lock or permission error raises.
+                return LiveNat()
             raise
         return ipt_render.parse_save(text, self.layout)
 
@@ -244,9 +247,9 @@ def _ip(family: int) -> str:
     return "ip6tables" if family == 6 else "iptables"
 
 
-def _no_such_chain(stderr: str) -> bool:
-    """`-C` of a jump to a chain that does not exist (nft and legacy say it differently)."""
+def _jump_missing(stderr: str) -> bool:
+    """`-C` of a jump our existing chain lacks: "Bad rule" (nft), "No chain/target/match by
+    that name" (legacy). A missing chain of ours says "Chain 'X' does not exist" (nft) or
+    "Couldn't load target `X'" (legacy)."""
     text = stderr.lower()
-    # nft: "Chain 'X' does not exist"; legacy: "Couldn't load target `X'". A missing rule
-    # in an existing chain is "Bad rule" (nft) or "No chain/target/match by that name".
-    return "does not exist" in text or "couldn't load target" in text
+    return "bad rule" in text or "no chain/target/match" in text

@@ -148,6 +148,7 @@ class DeployResult:
     new: dict[str, list[str]] = field(default_factory=dict)  # proc -> container ids
     old: list[str] = field(default_factory=list)  # to be retired
     created: int = 0  # containers created by this deploy
+    args: dict[str, list[str]] = field(default_factory=dict)  # proc -> its docker args
 
 
 PRIVATE_PORTS = ("5000", "5025", "5026", "5027", "5030", "5999")
@@ -171,6 +172,7 @@ class DokkuHost:
         self.containers: list[str] = []
         self.proxy = "nginx"
         self.build_dirs: dict[str, str] = {}
+        self.listen: dict[str, list[str]] = {}  # app -> the ports its containers serve
         self.between_build_and_deploy: Callable[[], None] | None = None
         self.before_post_deploy: Callable[[], None] | None = None
         self.table_at_stop = ""
@@ -475,6 +477,7 @@ class DokkuHost:
                 # the container gets the per-container call's args; the once-per-type
                 # output only feeds the "publishing ports" warning (:58-79)
                 argv = args.stdout.split()
+                result.args[proc] = argv
                 cid = self._create(app, proc, index, f"{tag}.{proc}.{index}", argv)
                 result.created += 1
                 # :76-77: post-container-create, then start
@@ -530,7 +533,7 @@ class DokkuHost:
         ports = [a.split("::")[1].split("/")[0] for a in args if a.startswith("127.0.0.1::")]
         if not ports:
             # natports' DOCKER-USER accept in place: no -p; listen on every port the tests map
-            ports = list(PRIVATE_PORTS)
+            ports = self.listen.get(app, list(PRIVATE_PORTS))
         publish = [a for a in args if a.startswith("127.0.0.1::")]
         argv = [
             "docker",

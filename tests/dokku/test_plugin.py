@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -439,3 +440,48 @@ def test_without_the_helper_the_triggers_warn_and_never_break_dokku(
         "docker-args-process-deploy", "mail", "dockerfile", "t", "web", "1", stdin="--env A=1"
     )
     assert args.returncode == 0 and args.stdout == "--env A=1"
+
+
+def _docker_proxies() -> int:
+    out = sh("pgrep", "-c", "-x", "docker-proxy", check=False)
+    return int(out.stdout.strip() or 0)
+
+
+def _ask_udp(net: ClientNet, port: int) -> str | None:
+    flow = net.udp_hold(port)
+    try:
+        return flow.ask("x")
+    finally:
+        flow.close()
+
+
+def test_a_10000_port_udp_range_costs_no_argument_no_process_and_constant_rules(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """Issue 9: `10000-19999:10000-19999/udp` is one rule set the size of a 2-port range's,
+    no docker argument (natports' DOCKER-USER accept), no docker-proxy; a client on a
+    random port of the range is answered, and a redeploy switches new flows only."""
+    first, last = 10000, 19999
+    probes = random.sample(range(first, last + 1), 4)
+    dokku.listen["rtp"] = [str(p) for p in probes]
+    proxies = _docker_proxies()
+    one = dokku.git_push("rtp", "v1", {"PORTS": f"{first}-{last}:{first}-{last}/udp\n"})
+    assert one.ok, one.output
+    assert one.args == {"web": []}
+    assert _docker_proxies() == proxies
+    assert _ask_udp(client_net, probes[0]) == "v1.web.1 x"
+    held = client_net.udp_hold(probes[1])
+    try:
+        assert held.ask("a") == "v1.web.1 a"
+        big = dokku.table()
+        two = dokku.git_push("rtp", "v2", {"PORTS": f"{first}-{last}:{first}-{last}/udp\n"})
+        assert two.ok, two.output
+        assert _ask_udp(client_net, probes[2]) == "v2.web.1 x"  # new flows: the new release
+        assert held.ask("b") == "v1.web.1 b"  # the flow that was open stays on the old one
+    finally:
+        held.close()
+    assert len(dokku.table().splitlines()) == len(big.splitlines())
+    small = dokku.git_push("rtp", "v3", {"PORTS": f"{first}-{first + 1}:{first}-{first + 1}/udp\n"})
+    assert small.ok, small.output
+    assert len(dokku.table().splitlines()) == len(big.splitlines())
+    dokku.retire(one.old + two.old + small.old)

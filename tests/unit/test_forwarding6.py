@@ -91,9 +91,14 @@ def test_the_doctor_says_how_ipv6_flows_pass_forward(
     bin_dir: Path, monkeypatch: pytest.MonkeyPatch, save6: str, ok: bool, says: str
 ) -> None:
     monkeypatch.setattr(probes, "iptables_variant", lambda: "nft")
+    save4 = FakeTool(bin_dir, "iptables-nft-save").answer(None, out=DOCKER_USER)
     FakeTool(bin_dir, "ip6tables-nft-save").answer(None, out=save6)
     check = probes.check_forwarding6("NPTEST")
     assert check.name == "forwarding6" and check.ok is ok and says in check.detail
+    if "DOCKER-USER" not in save6:  # nor in IPv4: Docker's nftables firewall, or no Docker
+        save4.answer(None, out=NO_DOCKER_USER.format(policy="ACCEPT"))
+        check = probes.check_forwarding6("NPTEST")
+        assert check.ok and "no DOCKER-USER in either family" in check.detail
 
 
 def test_the_doctor_names_a_missing_ip6tables(

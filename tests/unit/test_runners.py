@@ -282,6 +282,10 @@ def test_no_ip6tables_means_nothing_of_ours_in_ipv6(bin_dir: Path, root_caps: No
     with pytest.raises(NatportsError, match=r"ip6tables-restore not found") as err:
         backend.run(backend.plan_app([], [MAIL6]))
     assert err.value.hint is not None and "apt-get install iptables" in err.value.hint
+    # ip6tables there, but no IPv6 nat (IPv6 disabled): IPv4 routes still plan and run.
+    save6 = FakeTool(bin_dir, "ip6tables-nft-save")
+    save6.answer(None, err="ip6tables-save: Address family not supported by protocol\n", rc=1)
+    assert V6_MARK not in backend.plan_app([], [MAIL]) and backend.counters() == {}
 
 
 def test_intact_checks_the_ipv6_jumps_where_our_ipv6_chains_exist(
@@ -294,6 +298,8 @@ def test_intact_checks_the_ipv6_jumps_where_our_ipv6_chains_exist(
     missing = "ip6tables v1.8.9 (nf_tables): Chain 'NPTEST-PRE' does not exist\n"
     check6.answer(None, err=missing, rc=2)
     assert backend.intact() is True  # no IPv6 chain of ours: IPv6 not in use
+    check6.answer(None, err="ip6tables: Address family not supported by protocol", rc=3)
+    assert backend.intact() is True  # no IPv6 at all (ipv6.disable=1): nothing to lose
     check6.answer(
         None, err="ip6tables: Bad rule (does a matching rule exist in that chain?).", rc=1
     )
