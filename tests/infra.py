@@ -147,8 +147,8 @@ class ClientNet:
     def hold(self, port: int, host: str | None = None) -> HeldFlow:
         return HeldFlow(self._netclient("hold", host or self.host_ip, str(port)))
 
-    def udp_hold(self, port: int) -> UdpFlow:
-        return UdpFlow(self._netclient("udphold", self.host_ip, str(port)))
+    def udp_hold(self, port: int, host: str | None = None) -> UdpFlow:
+        return UdpFlow(self._netclient("udphold", host or self.host_ip, str(port)))
 
     def probe(self, ports: Sequence[int], max_seconds: float, stopfile: Path) -> Hammer:
         """Connects to each port in turn until stopped; `stop()` gives every attempt."""

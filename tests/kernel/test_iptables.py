@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -24,9 +21,8 @@ from natports.errors import InputError, NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import ClientNet, TagServer, sh
 from tests.kernel.conftest import range_route
+from tests.kernel.xtables import PREFIX, ours, save
 
-PREFIX = "NPKTEST"  # not NATPORTS_TEST either: the e2e suite may use that one meanwhile
-VARIANTS = ["nft", "legacy"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,18 +35,6 @@ def route(app: str, port: int, *backends: tuple[str, int], subnets: tuple[str, .
         backends=tuple(Backend(f"c-{ip}-{p}", ip_address(ip), p) for ip, p in backends),
         hairpin_subnets=subnets,
     )
-
-
-def save(variant: str, counters: bool = False) -> str:
-    """The nat table as iptables-save prints it, minus timestamps and policy counters
-    (legacy prints those even without -c; any traffic on the host moves them)."""
-    out = sh(f"iptables-{variant}-save", *(["-c"] if counters else []), "-t", "nat").stdout
-    lines = [re.sub(r"^(:\S+ \S+) \[\d+:\d+\]$", r"\1", line) for line in out.splitlines()]
-    return "".join(line + "\n" for line in lines if not line.startswith("#"))
-
-
-def ours(variant: str) -> list[str]:
-    return [line for line in save(variant).splitlines() if f"{PREFIX}-" in line]
 
 
 def not_ours(variant: str) -> str:
@@ -92,41 +76,6 @@ def nft_not_ours() -> dict[str, list[str]]:
         for chain, lines in nft_blocks().items()
         if not chain.startswith((f"{PREFIX}-", "NATPORTS"))
     }
-
-
-def force_clean(variant: str) -> None:
-    """Last resort if flush-all itself failed: remove our prefix's objects one by one."""
-    ipt = f"iptables-{variant}"
-    lines = save(variant).splitlines()
-    for line in lines:
-        words = shlex.split(line)
-        foreign = words[:1] == ["-A"] and not words[1].startswith(f"{PREFIX}-")
-        if foreign and re.search(rf"-j {PREFIX}-\S+$", line):
-            sh(ipt, "-w", "-t", "nat", "-D", *words[1:], check=False)
-    chains = [ln[1:].split()[0] for ln in lines if ln.startswith(f":{PREFIX}-")]
-    for chain in chains:
-        sh(ipt, "-w", "-t", "nat", "-F", chain, check=False)
-    for chain in chains:
-        sh(ipt, "-w", "-t", "nat", "-X", chain, check=False)
-
-
-@pytest.fixture(params=VARIANTS)
-def ipt(request: pytest.FixtureRequest) -> Iterator[IptablesBackend]:
-    variant = str(request.param)
-    for tool in ("restore", "save"):
-        if shutil.which(f"iptables-{variant}-{tool}") is None:
-            pytest.fail(f"iptables-{variant}-{tool} is not installed (run ./scripts/test)")
-    backend = IptablesBackend(variant, prefix=PREFIX)
-    backend.run(backend.plan_flush_all())
-    try:
-        yield backend
-    finally:
-        try:
-            backend.run(backend.plan_flush_all())
-        finally:
-            if ours(variant):
-                force_clean(variant)
-        assert ours(variant) == []
 
 
 def hooks(variant: str) -> list[str]:

@@ -11,13 +11,10 @@ The prefix is test_iptables.py's (its fixture's cleanup covers IPv4); ports 2506
 
 from __future__ import annotations
 
-import re
-import shlex
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import ip_address
 
@@ -28,82 +25,17 @@ from natports.backends.iptables import IptablesBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import ClientNet, TagServer, UdpFlow, sh
-from tests.kernel.test_iptables import PREFIX, VARIANTS, force_clean, ours
-
-HOST6 = "fd77:a::1"
-CLIENT6 = "fd77:a::2"
-SUBNET6 = "fd77:a::/64"
+from tests.kernel.conftest import CLIENT6, HOST6, SUBNET6
+from tests.kernel.xtables import PREFIX, ours, save
 
 
-def save6(variant: str, counters: bool = False) -> str:
-    """The IPv6 nat table as ip6tables-save prints it, minus comments and policy counters."""
-    out = sh(f"ip6tables-{variant}-save", *(["-c"] if counters else []), "-t", "nat").stdout
-    lines = [re.sub(r"^(:\S+ \S+) \[\d+:\d+\]$", r"\1", line) for line in out.splitlines()]
-    return "".join(line + "\n" for line in lines if not line.startswith("#"))
-
-
-def ours6(variant: str) -> list[str]:
-    return [line for line in save6(variant).splitlines() if f"{PREFIX}-" in line]
+def ours_counted6(variant: str) -> list[str]:
+    return [ln for ln in save(variant, counters=True, family=6).splitlines() if f"{PREFIX}-" in ln]
 
 
 def not_ours6(variant: str) -> str:
-    lines = save6(variant).splitlines()
+    lines = save(variant, family=6).splitlines()
     return "\n".join(ln for ln in lines if f"{PREFIX}-" not in ln and "NATPORTS" not in ln)
-
-
-def force_clean6(variant: str) -> None:
-    """Last resort if flush-all itself failed: our prefix's IPv6 objects one by one."""
-    ipt = f"ip6tables-{variant}"
-    lines = save6(variant).splitlines()
-    for line in lines:
-        words = shlex.split(line)
-        foreign = words[:1] == ["-A"] and not words[1].startswith(f"{PREFIX}-")
-        if foreign and re.search(rf"-j {PREFIX}-\S+$", line):
-            sh(ipt, "-w", "-t", "nat", "-D", *words[1:], check=False)
-    chains = [ln[1:].split()[0] for ln in lines if ln.startswith(f":{PREFIX}-")]
-    for chain in chains:
-        sh(ipt, "-w", "-t", "nat", "-F", chain, check=False)
-    for chain in chains:
-        sh(ipt, "-w", "-t", "nat", "-X", chain, check=False)
-
-
-@pytest.fixture(params=VARIANTS)
-def ipt(request: pytest.FixtureRequest) -> Iterator[IptablesBackend]:
-    variant = str(request.param)
-    backend = IptablesBackend(variant, prefix=PREFIX)
-    backend.run(backend.plan_flush_all())
-    try:
-        yield backend
-    finally:
-        try:
-            backend.run(backend.plan_flush_all())
-        finally:
-            if ours(variant):
-                force_clean(variant)
-            if ours6(variant):
-                force_clean6(variant)
-        assert ours(variant) == [] and ours6(variant) == []
-
-
-@pytest.fixture
-def net6(client_net: ClientNet) -> Iterator[ClientNet]:
-    """The shared client netns, with a v6 address on each end of its veth for this test."""
-    sh("ip", "-6", "addr", "add", f"{HOST6}/64", "dev", client_net.host_if, "nodad")
-    peer = client_net.host_if.replace("nph", "npp", 1)  # ClientNet.create names them so
-    client_net.exec("ip", "-6", "addr", "add", f"{CLIENT6}/64", "dev", peer, "nodad")
-    try:
-        yield client_net
-    finally:
-        client_net.exec("ip", "-6", "addr", "del", f"{CLIENT6}/64", "dev", peer, check=False)
-        sh("ip", "-6", "addr", "del", f"{HOST6}/64", "dev", client_net.host_if, check=False)
-
-
-@pytest.fixture
-def servers6(net6: ClientNet) -> Iterator[list[TagServer]]:
-    made = [TagServer(HOST6, tag) for tag in ("one", "two")]
-    yield made
-    for server in made:
-        server.close()
 
 
 def route6(
@@ -143,28 +75,6 @@ class UdpTagServer:
         self.sock.close()
 
 
-UDP_CLIENT = """
-import json, socket, sys
-with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-    sock.settimeout(1)
-    sock.connect((sys.argv[1], int(sys.argv[2])))
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        sock.send(line.strip().encode())
-        try:
-            print(json.dumps({"answer": sock.recv(4096).decode()}), flush=True)
-        except OSError as exc:
-            print(json.dumps({"error": str(exc)}), flush=True)
-"""
-
-
-def udp6_hold(net: ClientNet, port: int) -> UdpFlow:
-    """One UDP socket in the client netns (one conntrack flow) to HOST6:port."""
-    return UdpFlow(
-        ["ip", "netns", "exec", net.ns, sys.executable, "-c", UDP_CLIENT, HOST6, str(port)]
-    )
-
-
 def test_a_v6_switch_keeps_established_flows(
     ipt: IptablesBackend, net6: ClientNet, servers6: list[TagServer]
 ) -> None:
@@ -173,7 +83,7 @@ def test_a_v6_switch_keeps_established_flows(
     batch = ipt.plan_app([], first)
     assert V6_MARK in batch
     ipt.run(batch)
-    assert any("-j DNAT --to-destination" in ln and HOST6 in ln for ln in ours6(ipt.variant))
+    assert any("-j DNAT --to-destination" in ln and HOST6 in ln for ln in ours(ipt.variant, 6))
     held = net6.hold(25060, host=HOST6)
     try:
         assert held.tag == "one"
@@ -197,10 +107,10 @@ def test_a_v6_udp_flow_stays_new_ones_switch(ipt: IptablesBackend, net6: ClientN
     try:
         first = [route6("six", 25061, servers[0].port, protocol=Protocol.UDP)]
         ipt.run(ipt.plan_app([], first))
-        flows.append(udp6_hold(net6, 25061))
+        flows.append(net6.udp_hold(25061, host=HOST6))
         assert flows[0].ask("a") == "one a"
         ipt.run(ipt.plan_app(first, [route6("six", 25061, servers[1].port, protocol=Protocol.UDP)]))
-        flows.append(udp6_hold(net6, 25061))  # a new source port: a new flow
+        flows.append(net6.udp_hold(25061, host=HOST6))  # a new source port: a new flow
         assert flows[1].ask("b") == "two b"
         assert flows[0].ask("c") == "one c"  # conntrack keeps the old binding
     finally:
@@ -217,7 +127,7 @@ def test_a_shifted_v6_range_is_one_chain_and_reaches_each_port(
     try:
         rng = route6("ftp", 25320, 27320, count=3)
         ipt.run(ipt.plan_app([], [rng]))
-        chains = [line for line in ours6(ipt.variant) if line.startswith(":")]
+        chains = [line for line in ours(ipt.variant, 6) if line.startswith(":")]
         assert len(chains) == 6  # 4 fixed + app + route
         for offset in range(3):
             assert net6.connect_once(25320 + offset, host=HOST6) == {"tag": f"p{27320 + offset}"}
@@ -250,12 +160,12 @@ def test_both_families_flush_to_nothing_and_leave_the_rest(
         (Backend("c4", ip_address("172.30.0.2"), 5025),),
     )
     ipt.run(ipt.plan_app([], [four, route6("both", 25063, 5025)]))
-    assert len(ours(ipt.variant)) > 10 and len(ours6(ipt.variant)) > 10
+    assert len(ours(ipt.variant)) > 10 and len(ours(ipt.variant, 6)) > 10
     ipt.run(ipt.plan_app([four, route6("both", 25063, 5025)], [four]))
-    assert not any(ipt.layout.app_chain("both") in ln for ln in ours6(ipt.variant))
+    assert not any(ipt.layout.app_chain("both") in ln for ln in ours(ipt.variant, 6))
     assert ipt.plan_flush_all().count("*nat") == 2  # the IPv6 skeleton is still there
     ipt.run(ipt.plan_flush_all())
-    assert ours(ipt.variant) == [] and ours6(ipt.variant) == []
+    assert ours(ipt.variant) == [] and ours(ipt.variant, 6) == []
     assert not_ours6(ipt.variant) == before
     assert ipt.plan_flush_all() == ""
 
@@ -289,13 +199,12 @@ def test_a_failing_v6_batch_leaves_the_v6_table_as_it_was(
 ) -> None:
     old = [route6("six", 25066, 5025)]
     ipt.run(ipt.plan_app([], old))
-    before = [ln for ln in save6(ipt.variant, counters=True).splitlines() if f"{PREFIX}-" in ln]
+    before = ours_counted6(ipt.variant)
     v4, v6 = split_batch(ipt.plan_app(old, [route6("six", 25066, 5026)]))
     broken = v6.replace("COMMIT\n", f"-A {PREFIX}-NO-SUCH -j RETURN\nCOMMIT\n")
     with pytest.raises(NatportsError, match="ip6tables-restore failed"):
         ipt.run(f"{v4}{V6_MARK}\n{broken}")
-    after = [ln for ln in save6(ipt.variant, counters=True).splitlines() if f"{PREFIX}-" in ln]
-    assert after == before
+    assert ours_counted6(ipt.variant) == before
 
 
 PEER_SERVER = """

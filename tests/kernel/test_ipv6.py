@@ -7,7 +7,6 @@ switch, a v6 range, and the counters.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from ipaddress import ip_address
 
 import pytest
@@ -15,32 +14,9 @@ import pytest
 from natports.backends.nftables import NftBackend
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import NFT_TABLE, ClientNet, TagServer, sh
+from tests.kernel.conftest import HOST6, SUBNET6
 
 pytestmark = pytest.mark.usefixtures("clean_kernel")
-
-HOST6 = "fd77:9::1"
-CLIENT6 = "fd77:9::2"
-
-
-@pytest.fixture
-def net6(client_net: ClientNet) -> Iterator[ClientNet]:
-    """The shared client netns, with a v6 address on each end of its veth for this test."""
-    sh("ip", "-6", "addr", "add", f"{HOST6}/64", "dev", client_net.host_if, "nodad")
-    peer = client_net.host_if.replace("nph", "npp", 1)  # ClientNet.create names them so
-    client_net.exec("ip", "-6", "addr", "add", f"{CLIENT6}/64", "dev", peer, "nodad")
-    try:
-        yield client_net
-    finally:
-        client_net.exec("ip", "-6", "addr", "del", f"{CLIENT6}/64", "dev", peer, check=False)
-        sh("ip", "-6", "addr", "del", f"{HOST6}/64", "dev", client_net.host_if, check=False)
-
-
-@pytest.fixture
-def servers6(net6: ClientNet) -> Iterator[list[TagServer]]:
-    made = [TagServer(HOST6, tag) for tag in ("one", "two")]
-    yield made
-    for server in made:
-        server.close()
 
 
 def route6(port: int, server: TagServer, count: int = 1) -> Route:
@@ -50,7 +26,7 @@ def route6(port: int, server: TagServer, count: int = 1) -> Route:
         key=RouteKey(6, Protocol.TCP, port, None, count),
         private_port=server.port,
         backends=(Backend("c6", ip_address(HOST6), server.port),),
-        hairpin_subnets=("fd77:9::/64",),
+        hairpin_subnets=(SUBNET6,),
     )
 
 

@@ -26,6 +26,7 @@ from natports.backends.ipt_render import (
 )
 from natports.model import Protocol, Route, RouteKey
 from tests.unit.routes import route
+from tests.unit.test_ipt_render import CHAT, HEAD, HEAD_FRESH, HOOKS, MAIL, MAIL_25, SKELETON_RULES
 
 TCP = Protocol.TCP
 UDP = Protocol.UDP
@@ -33,45 +34,12 @@ LAYOUT = Layout()
 EMPTY = LiveTables()
 
 # Chain names, written out: they must never change between versions.
-MAIL = "NATPORTS-A-ADMNH4IXHHJP"
-MAIL_25 = "NATPORTS-R-UMBEXLMRL2T5"  # mail 25/tcp, IPv4
 MAIL6_25 = "NATPORTS-R-6UASUS3MN2SS"  # mail 25/tcp, IPv6: the family is part of the name
-CHAT = "NATPORTS-A-GHQG67MJ724Z"
 
-FRESH = """\
-*nat
-:NATPORTS-DISPATCH - [0:0]
-:NATPORTS-PRE - [0:0]
-:NATPORTS-OUT - [0:0]
-:NATPORTS-POST - [0:0]
-"""
+FRESH = HEAD_FRESH
+SKELETON4 = SKELETON_RULES
+SKELETON6 = SKELETON_RULES.replace("127.0.0.0/8", "::1/128")
 
-HEAD = """\
-*nat
-:NATPORTS-PRE - [0:0]
-:NATPORTS-OUT - [0:0]
-:NATPORTS-POST - [0:0]
-"""
-
-
-def skeleton(loopback: str) -> str:
-    return f"""\
--A NATPORTS-PRE -m addrtype --dst-type LOCAL -j NATPORTS-DISPATCH
--A NATPORTS-OUT ! -d {loopback} -m addrtype --dst-type LOCAL -j NATPORTS-DISPATCH
--A NATPORTS-POST -m mark ! --mark 0x00100000/0x00100000 -j RETURN
--A NATPORTS-POST -j MARK --xor-mark 0x00100000
--A NATPORTS-POST -j MASQUERADE
-"""
-
-
-SKELETON4 = skeleton("127.0.0.0/8")
-SKELETON6 = skeleton("::1/128")
-
-HOOKS = """\
--I PREROUTING 1 -j NATPORTS-PRE
--I OUTPUT 1 -j NATPORTS-OUT
--I POSTROUTING 1 -j NATPORTS-POST
-"""
 
 # What ip6tables-nft-save -c -t nat printed with mail's IPv6 route and chat's routed.
 LIVE6_SAVE = f"""\
