@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from natports.backends.nftables import NftBackend
 from natports.backends.proxy import ProxyBackend
 from natports.model import Backend, Protocol, Route, RouteKey
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE = os.environ.get("NATPORTS_TEST_IMAGE", "natports-echod:test")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -51,6 +54,7 @@ PEER_IF = f"npbp{os.getpid() % 100000}"
 HOST_IP, CLIENT_IP = "198.18.201.1", "198.18.201.2"
 IPERF_PORT, PROXY_PORT, SOCAT_PORT = 5201, 26201, 26202
 CONN_PORT, CONN_PROXY_PORT, CONN_SOCAT_PORT, CONN_NFT_PORT = 5300, 26203, 26204, 26205
+PROXY_PORTS = ((PROXY_PORT, CONN_PROXY_PORT), (26211, 26213), (26221, 26223))  # one per daemon
 CONN_THREADS = int(os.environ.get("BENCH_CONN_THREADS", "8"))
 CONN_SECONDS = float(os.environ.get("BENCH_CONN_SECONDS", "5"))
 NFT_TABLE = "inet natports_bench"
@@ -165,7 +169,7 @@ def connrate_binary() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def backend_container(connrate: str) -> Iterator[str]:
+def backend_container(connrate: str) -> Iterator[tuple[str, list[int]]]:
     """A container holding the backend's network namespace, with iperf3 -s and connrate inside."""
     name = f"npbench-{os.getpid()}"
     cid = sh(
@@ -186,7 +190,7 @@ def backend_container(connrate: str) -> Iterator[str]:
                 )
             )
         time.sleep(0.5)
-        yield ip
+        yield ip, [server.pid for server in servers]  # nsenter execs: the servers' own pids
     finally:
         for server in servers:
             server.terminate()
@@ -205,14 +209,37 @@ def bench_route(port: int, backend_ip: str, backend_port: int) -> Route:
 
 
 @contextlib.contextmanager
-def natports_proxy(backend_ip: str, workers: int = 0) -> Iterator[subprocess.Popen[bytes]]:
+def proxy_source(rev: str | None) -> Iterator[str | None]:
+    """The natports package of git revision `rev` in a temporary directory (None: this tree)."""
+    if rev is None:
+        yield None
+        return
+    work = Path(tempfile.mkdtemp(prefix="natports-vs-"))
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev, "natports"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+        yield str(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def natports_proxy(
+    backend_ip: str, ports: tuple[int, int], workers: int = 0, source: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A proxy daemon (of this tree, or of `source`) serving iperf3 and connrate on `ports`."""
     state = Path(tempfile.mkdtemp(prefix="natports-bench-"))
     env = {**os.environ, "NATPORTS_PROXY_WORKERS": str(workers)}
+    if source is not None:
+        env["PYTHONPATH"] = source
     proc = subprocess.Popen(
         [sys.executable, "-m", "natports.proxy", "--state-dir", str(state), "--settings",
          str(state / "none.toml")],
         stderr=subprocess.DEVNULL,
         env=env,
+        cwd=source or str(ROOT),
     )  # fmt: skip
     try:
         for _ in range(100):
@@ -221,8 +248,8 @@ def natports_proxy(backend_ip: str, workers: int = 0) -> Iterator[subprocess.Pop
             time.sleep(0.05)
         backend = ProxyBackend(state)
         routes = [
-            bench_route(PROXY_PORT, backend_ip, IPERF_PORT),
-            bench_route(CONN_PROXY_PORT, backend_ip, CONN_PORT),
+            bench_route(ports[0], backend_ip, IPERF_PORT),
+            bench_route(ports[1], backend_ip, CONN_PORT),
         ]
         backend.run(backend.plan_reconcile(routes))
         yield proc
@@ -265,6 +292,44 @@ def socat(backend_ip: str) -> Iterator[None]:
             proc.wait()
 
 
+class Usage:
+    """CPU used while a sample ran: the whole machine, the proxy, the client and the server."""
+
+    def __init__(self, proxy: int | None, server: int | None) -> None:
+        self.pids = (proxy, server)
+        self.t0 = time.monotonic()
+        self.stat0 = _proc_stat()
+        self.own0 = [cpu_seconds(p) if p else 0.0 for p in self.pids]
+        self.children0 = _children_cpu()
+
+    def done(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        stat1 = _proc_stat()
+        busy = [b - a for a, b in zip(self.stat0, stat1, strict=True)]
+        total = sum(busy)
+        idle = busy[3] + busy[4]
+        own = [
+            (cpu_seconds(p) if p else 0.0) - o for p, o in zip(self.pids, self.own0, strict=True)
+        ]
+        return {
+            "busy": (total - idle) / total * (os.cpu_count() or 1),  # CPUs busy, all processes
+            "softirq": busy[6] / total * (os.cpu_count() or 1),
+            "proxy": own[0] / wall,
+            "server": own[1] / wall,
+            "client": (_children_cpu() - self.children0) / wall,
+        }
+
+
+def _proc_stat() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def _children_cpu() -> float:
+    """CPU of the waited-for children of this process: the clients (iperf3 -c, connrate)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def iperf(host: str, port: int, streams: int) -> float:
     """Gbit/s received by the server for one run (first second omitted)."""
     out = sh(
@@ -274,17 +339,20 @@ def iperf(host: str, port: int, streams: int) -> float:
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def conn_rate(connrate: str, host: str, port: int) -> float:
+def conn_rate(connrate: str, host: str, port: int, seconds: float = CONN_SECONDS) -> float:
     out = sh(
         "ip", "netns", "exec", NS, connrate, "client", host, str(port), str(CONN_THREADS),
-        str(CONN_SECONDS),
+        str(seconds),
     ).stdout  # fmt: skip
     return float(out.strip())
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children that were waited for (workers)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """CPU time of a process and of its live children (workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     ticks = sum(int(f) for f in fields[11:15])
     for child in _children(pid):
         with contextlib.suppress(OSError):
@@ -301,69 +369,133 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
-def measure(name: str, sample: Callable[[], float], unit: str) -> float:
-    samples = []
+@dataclass(frozen=True)
+class Target:
+    """One way from the client to the server: where to connect, whose CPU to count."""
+
+    name: str
+    host: str
+    iperf_port: int
+    conn_port: int
+    pid: int | None = None  # the proxy process, for its CPU
+
+
+def interleaved(
+    title: str,
+    paths: list[Target],
+    sample: Callable[[Target], float],
+    unit: str,
+    server: int | None,
+) -> dict[str, list[float]]:
+    """RUNS rounds, each measuring every path once in turn: load from other work on the
+    machine hits all paths alike, and ratios are taken within a round (paired)."""
+    print(f"{title}:", flush=True)
+    values: dict[str, list[float]] = {p.name: [] for p in paths}
+    usage: dict[str, list[dict[str, float]]] = {p.name: [] for p in paths}
     for _ in range(RUNS):
-        samples.append(sample())
-        time.sleep(0.5)
-    median = statistics.median(samples)
-    runs = " ".join(f"{s:7.2f}" if unit == "Gbit/s" else f"{s:7.0f}" for s in samples)
-    shown = f"{median:8.2f}" if unit == "Gbit/s" else f"{median:8.0f}"
-    print(f"  {name:18s} {shown} {unit:8s} (runs: {runs})", flush=True)
-    return median
+        for path in paths:
+            u = Usage(path.pid, server)
+            values[path.name].append(sample(path))
+            usage[path.name].append(u.done())
+            time.sleep(0.5)
+    for path in paths:
+        samples = values[path.name]
+        fmt = "{:7.2f}" if unit == "Gbit/s" else "{:7.0f}"
+        runs = " ".join(fmt.format(v) for v in samples)
+        cpu = {k: statistics.median(u[k] for u in usage[path.name]) for k in usage[path.name][0]}
+        print(
+            f"  {path.name:18s} {fmt.format(statistics.median(samples)):>8s} {unit:7s}"
+            f" (runs: {runs})  CPUs busy {cpu['busy']:.2f} (softirq {cpu['softirq']:.2f});"
+            f" client {cpu['client']:.2f}, server {cpu['server']:.2f}"
+            + (f", proxy {cpu['proxy']:.2f}" if path.pid else ""),
+            flush=True,
+        )
+    return values
+
+
+def paired(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a/b, each ratio measured within one round."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def main() -> int:
     workers = int(os.environ.get("BENCH_WORKERS", str(os.cpu_count() or 1)))
+    vs = os.environ.get("BENCH_VS") or None  # a git revision: its proxy measured alongside
     print(
-        f"{RUNS} runs per path, median; iperf3 {SECONDS} s per run; connrate {CONN_THREADS} "
-        f"threads x {CONN_SECONDS:g} s; client netns -> host -> container; {os.cpu_count()} CPUs"
+        f"{RUNS} rounds, every path once per round (interleaved), medians; iperf3 {SECONDS} s"
+        f" per run; connrate {CONN_THREADS} threads x {CONN_SECONDS:g} s after a 1 s warm-up;"
+        f" client netns -> host -> container; {os.cpu_count()} CPUs"
     )
-    r: dict[str, float] = {}
-    with connrate_binary() as connrate, client_namespace(), backend_container(connrate) as ip:
-        proxies = [("proxy", 0)] + ([(f"proxy x{workers}", workers)] if workers > 1 else [])
+    r: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        connrate = stack.enter_context(connrate_binary())
+        stack.enter_context(client_namespace())
+        ip, server_pids = stack.enter_context(backend_container(connrate))
+        old = stack.enter_context(proxy_source(vs))
+        proxies: list[tuple[str, int, str | None]] = [("proxy", 0, None)]
+        if workers > 1:
+            proxies.append((f"proxy x{workers}", workers, None))
+        if vs is not None:
+            proxies.append((f"proxy@{vs}", 0, old))
+        paths = [Target("direct", ip, IPERF_PORT, CONN_PORT)]
+        for (name, n, source), ports in zip(proxies, PROXY_PORTS, strict=False):
+            proc = stack.enter_context(natports_proxy(ip, ports, n, source))
+            paths.append(Target(name, HOST_IP, ports[0], ports[1], proc.pid))
+        stack.enter_context(socat(ip))
+        stack.enter_context(nftables(ip))
+        socat_path = Target("socat", HOST_IP, SOCAT_PORT, CONN_SOCAT_PORT)
+        nft_path = Target("nftables", HOST_IP, 0, CONN_NFT_PORT)
         for streams in (1, 8):
-            print(f"iperf3, {streams} stream{'s' if streams > 1 else ''}:")
-            r[f"direct {streams}"] = measure(
-                "direct", lambda s=streams: iperf(ip, IPERF_PORT, s), "Gbit/s"
+
+            def throughput(p: Target, streams: int = streams) -> float:
+                return iperf(p.host, p.iperf_port, streams)
+
+            got = interleaved(
+                f"iperf3, {streams} stream{'s' if streams > 1 else ''}",
+                [*paths, socat_path],
+                throughput,
+                "Gbit/s",
+                server_pids[0],
             )
-            for name, n in proxies:
-                with natports_proxy(ip, n) as proc:
-                    before, started = cpu_seconds(proc.pid), time.monotonic()
-                    r[f"{name} {streams}"] = measure(
-                        name, lambda s=streams: iperf(HOST_IP, PROXY_PORT, s), "Gbit/s"
-                    )
-                    busy = (cpu_seconds(proc.pid) - before) / (time.monotonic() - started)
-                    print(f"  {'':18s} ({name} used {busy * 100:.0f}% of one core)")
-            with socat(ip):
-                r[f"socat {streams}"] = measure(
-                    "socat", lambda s=streams: iperf(HOST_IP, SOCAT_PORT, s), "Gbit/s"
-                )
-        print("new connections per second:")
-        r["conn direct"] = measure("direct", lambda: conn_rate(connrate, ip, CONN_PORT), "conn/s")
-        with nftables(ip):
-            r["conn nftables"] = measure(
-                "nftables", lambda: conn_rate(connrate, HOST_IP, CONN_NFT_PORT), "conn/s"
-            )
-        for name, n in proxies:
-            with natports_proxy(ip, n):
-                r[f"conn {name}"] = measure(
-                    name, lambda: conn_rate(connrate, HOST_IP, CONN_PROXY_PORT), "conn/s"
-                )
-        with socat(ip):
-            r["conn socat"] = measure(
-                "socat", lambda: conn_rate(connrate, HOST_IP, CONN_SOCAT_PORT), "conn/s"
-            )
-    best = proxies[-1][0]
+            r.update({f"{k} {streams}": v for k, v in got.items()})
+
+        def connections(p: Target) -> float:
+            conn_rate(connrate, p.host, p.conn_port, 1.0)  # warm-up: caches, first allocations
+            return conn_rate(connrate, p.host, p.conn_port)
+
+        got = interleaved(
+            "new connections per second",
+            [paths[0], nft_path, *paths[1:], socat_path],
+            connections,
+            "conn/s",
+            server_pids[1],
+        )
+        r.update({f"conn {k}": v for k, v in got.items()})
+    best = proxies[1][0] if workers > 1 else "proxy"
     print()
     ratios = [
-        ("1 stream, proxy / direct", r["proxy 1"] / r["direct 1"], 0.9),
-        (f"1 stream, {best} / direct", r[f"{best} 1"] / r["direct 1"], 0.9),
-        (f"8 streams, {best} / proxy (one worker)", r[f"{best} 8"] / r["proxy 8"], 1.5),
-        (f"connections, {best} / nftables", r[f"conn {best}"] / r["conn nftables"], 0.8),
-        ("1 stream, proxy / socat", r["proxy 1"] / r["socat 1"], None),
-        ("1 stream, proxy / Node.js (DESIGN.md)", r["proxy 1"] / NODE_PROXY_GBITS[0], 1.5),
+        ("1 stream, proxy / direct", paired(r["proxy 1"], r["direct 1"]), 0.9),
+        (f"1 stream, {best} / direct", paired(r[f"{best} 1"], r["direct 1"]), 0.9),
+        (f"8 streams, {best} / proxy (one process)", paired(r[f"{best} 8"], r["proxy 8"]), 1.5),
+        ("connections, proxy / nftables", paired(r["conn proxy"], r["conn nftables"]), 0.8),
+        (f"connections, {best} / nftables", paired(r[f"conn {best}"], r["conn nftables"]), 0.8),
+        ("1 stream, proxy / socat", paired(r["proxy 1"], r["socat 1"]), None),
+        (
+            "1 stream, proxy / Node.js (DESIGN.md)",
+            statistics.median(r["proxy 1"]) / NODE_PROXY_GBITS[0],
+            1.5,
+        ),
     ]
+    if vs is not None:
+        ratios += [
+            (f"1 stream, proxy / proxy@{vs}", paired(r["proxy 1"], r[f"proxy@{vs} 1"]), None),
+            (f"8 streams, proxy / proxy@{vs}", paired(r["proxy 8"], r[f"proxy@{vs} 8"]), None),
+            (
+                f"connections, proxy / proxy@{vs}",
+                paired(r["conn proxy"], r[f"conn proxy@{vs}"]),
+                None,
+            ),
+        ]
     ok = True
     seen = set()
     for label, value, goal in ratios:
@@ -373,7 +505,7 @@ def main() -> int:
         met = goal is None or value >= goal
         ok = ok and met
         target = "" if goal is None else f"(goal >= {goal:.2f}: {'met' if met else 'NOT met'})"
-        print(f"{label:42s} {value:5.2f}  {target}")
+        print(f"{label:44s} {value:5.2f}  {target}")
     print("all goals met" if ok else "some goals NOT met")
     return 0 if ok else 1
 
