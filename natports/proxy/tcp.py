@@ -27,7 +27,7 @@ from .loop import EDGE, ERR, HUP, IN, OUT, log
 from .runtime import NO_BACKEND, NO_FDS, NO_FDS_CAUSE, RouteStats, Runtime
 
 # A busy direction grows its pipe to this (F_SETPIPE_SZ); NATPORTS_PROXY_PIPE_MAX
-# (bytes) overrides it, for benchmarks (docs/proxy.md: what each size measured).
+# (bytes) overrides it (docs/proxy.md: what each size measured).
 PIPE_MAX = int(os.environ.get("NATPORTS_PROXY_PIPE_MAX", str(1 << 20)))
 ROUNDS = 16  # reads per pump before yielding to other connections
 CONNECT_TIMEOUT = 5.0
