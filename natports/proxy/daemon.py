@@ -18,7 +18,8 @@ a reload refuses nothing. SIGHUP is `restart`, SIGTERM/SIGINT stop the daemon.
 Limits (caps, idle timeouts) come from `[proxy]` in the operator's natports.toml
 (limits.py) and are re-read on every reload. Environment knobs:
 NATPORTS_PROXY_SPLICE=0 (recv/send instead of splice), NATPORTS_PROXY_UDP_IDLE
-(seconds: the default of proxy.udp_idle), NATPORTS_PROXY_LOG (log level).
+(seconds: the default of proxy.udp_idle), NATPORTS_PROXY_LOG (log level),
+NATPORTS_PROXY_PIPE_MAX (bytes: the pipe a bulk direction grows to, tcp.PIPE_MAX).
 
 The jobs live in: loop.py (epoll), runtime.py (shared counters, caps, fd
 pressure), tcp.py and udp.py (relays), listeners.py (public sockets),

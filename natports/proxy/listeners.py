@@ -70,6 +70,10 @@ class Listener:
 
 
 class TcpListener(Listener):
+    def __init__(self, rt: Runtime, sock: socket.socket, route: Route, origin: str) -> None:
+        super().__init__(rt, sock, route, origin)
+        tune(sock)  # accepted sockets inherit TCP_NODELAY and keepalive from it
+
     def start(self) -> None:
         self.rt.add_acceptor(self.fd, self.on_event)
 
@@ -90,7 +94,7 @@ class TcpListener(Listener):
             self.serve(client, peer)
 
     def serve(self, client: socket.socket, peer: tuple[str, int]) -> None:
-        tune(client)
+        client.setblocking(False)
         candidates = self.candidates()
         if not candidates:
             self.rt.refuse(self.rid, NO_BACKEND)

@@ -45,6 +45,16 @@ class Loop:
             with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(fd)
 
+    def forget(self, fd: int) -> None:
+        """For an fd about to be closed: closing it leaves the epoll set by itself.
+
+        Saves an epoll_ctl per socket per connection. The proxy's sockets are never
+        duplicated (no dup, no fork without exec), so close() drops the last
+        reference and with it the registration; an event already fetched for the
+        number finds no handler, or a new owner that checks its state.
+        """
+        self.handlers.pop(fd, None)
+
     def poll(self, timeout: float) -> None:
         if self.ready:
             timeout = 0

@@ -26,7 +26,9 @@ from .inherit import adopt_socket
 from .loop import EDGE, ERR, HUP, IN, OUT, log
 from .runtime import NO_BACKEND, NO_FDS, NO_FDS_CAUSE, RouteStats, Runtime
 
-PIPE_MAX = 1 << 20  # a busy direction grows its pipe to this (F_SETPIPE_SZ)
+# A busy direction grows its pipe to this (F_SETPIPE_SZ); NATPORTS_PROXY_PIPE_MAX
+# (bytes) overrides it (docs/proxy.md: what each size measured).
+PIPE_MAX = int(os.environ.get("NATPORTS_PROXY_PIPE_MAX", str(1 << 20)))
 ROUNDS = 16  # reads per pump before yielding to other connections
 CONNECT_TIMEOUT = 5.0
 SHRINK_AFTER = 10.0  # seconds idle before a connection gives its empty pipes back
@@ -53,7 +55,12 @@ def reset(sock: socket.socket | None) -> None:
 
 
 def tune(sock: socket.socket) -> None:
-    sock.setblocking(False)
+    """TCP_NODELAY and keepalive: set on listeners once, and on every upstream socket.
+
+    A socket accept() returns inherits both from its listener on Linux (the child
+    is a copy of the listening socket, sk_clone_lock), so per accepted connection
+    only O_NONBLOCK is set: two setsockopt calls fewer per connection.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -269,6 +276,7 @@ class TcpConn:
         self.c2u: Pump | None = None
         self.u2c: Pump | None = None
         self.state = TcpConn.CONNECTING
+        self.client_ready = False  # the client signalled input while connecting
         self.frees_fds = True
         rt.conns.add(self)
         rt.loop.add(self.client_fd, self.on_client, EDGE)
@@ -279,7 +287,8 @@ class TcpConn:
         while self.candidates:
             backend = self.candidates.pop(0)
             try:
-                sock = socket.socket(family_of(backend), socket.SOCK_STREAM)
+                # SOCK_NONBLOCK at creation: no ioctl(FIONBIO) after it
+                sock = socket.socket(family_of(backend), socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:
                 if exc.errno in NO_FDS:
                     self.rt.out_of_fds("socket", exc)
@@ -317,11 +326,12 @@ class TcpConn:
     def _drop_upstream(self) -> None:
         self.rt.connecting.discard(self)
         if self.upstream is not None:
-            self.rt.loop.remove(self.upstream_fd)
+            self.rt.loop.forget(self.upstream_fd)
             self.upstream.close()
         self.upstream, self.upstream_fd, self.backend = None, -1, None
 
-    def _connected(self) -> None:
+    def _connected(self, events: int = IN | OUT | ERR) -> None:
+        """The upstream socket reported `events` while connecting: is it connected now?"""
         assert self.upstream is not None
         err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -347,8 +357,14 @@ class TcpConn:
         self.state = TcpConn.OPEN
         self.c2u = Pump(self.client, self.upstream, self.stats, self.rt)
         self.u2c = Pump(self.upstream, self.client, self.stats, self.rt)
-        self.run(self.c2u)
-        self.run(self.u2c)
+        # Edge-triggered: a pump need not look before its source has signalled. The
+        # client's edges while connecting were noted (client_ready); the upstream's
+        # first edge is this one. A read that would only find EAGAIN costs a syscall
+        # and a Python exception, twice per connection.
+        if self.client_ready or events & (ERR | HUP):
+            self.run(self.c2u)
+        if events & (IN | ERR | HUP):
+            self.run(self.u2c)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -360,8 +376,11 @@ class TcpConn:
                 self.run(self.c2u)
             if events & (OUT | ERR | HUP):
                 self.run(self.u2c)
-        elif self.state == TcpConn.CONNECTING and events & ERR:
-            self.abort("the client went away while connecting")
+        elif self.state == TcpConn.CONNECTING:
+            if events & ERR:
+                self.abort("the client went away while connecting")
+            elif events & (IN | HUP):
+                self.client_ready = True  # bytes (or its end) wait: c2u starts with a look
 
     def on_upstream(self, events: int) -> None:
         self.last = self.rt.loop.now
@@ -372,7 +391,7 @@ class TcpConn:
             if events & (OUT | ERR | HUP):
                 self.run(self.c2u)
         elif self.state == TcpConn.CONNECTING:
-            self._connected()
+            self._connected(events)
 
     def run(self, pump: Pump) -> None:
         if self.state != TcpConn.OPEN:
@@ -380,7 +399,7 @@ class TcpConn:
         try:
             result = pump.run()
         except OSError as exc:
-            self.abort(f"{type(exc).__name__}: {exc}")
+            self.abort(exc)  # formatted only if debug logging is on
             return
         if result == AGAIN:
             self.rt.loop.ready.append(lambda: self.run(pump))
@@ -406,7 +425,7 @@ class TcpConn:
 
     # -- ending -----------------------------------------------------------------------------
 
-    def abort(self, why: str) -> None:
+    def abort(self, why: str | OSError) -> None:
         """An error on one side: reset the other too, so neither mistakes it for a clean end."""
         log.debug("%s: connection aborted: %s", self.rid, why)
         reset(self.client)
@@ -419,10 +438,10 @@ class TcpConn:
         self.state = TcpConn.CLOSED
         self.rt.conns.discard(self)
         self.rt.connecting.discard(self)
-        self.rt.loop.remove(self.client_fd)
+        self.rt.loop.forget(self.client_fd)
         self.client.close()
         if self.upstream is not None:
-            self.rt.loop.remove(self.upstream_fd)
+            self.rt.loop.forget(self.upstream_fd)
             self.upstream.close()
         for pump in (self.c2u, self.u2c):
             if pump is not None:
