@@ -13,6 +13,7 @@ from tests.infra import (
     create_dual_network,
     delete_iptables_chains,
     delete_natports_table,
+    ipv6_forwarding,
     remove_dual_network,
 )
 
@@ -60,20 +61,12 @@ def client_net6() -> Iterator[ClientNet]:
 
 @pytest.fixture(scope="session")
 def dual_network() -> Iterator[str]:
-    """The tests' dual-stack Docker network (see tests.infra.DUAL_NETWORK).
-
-    Docker turns IPv6 forwarding on when it creates the network and never back off; on a
-    host that takes its IPv6 address from router advertisements (accept_ra=1) that would
-    drop it, so the host gets its settings back with the network gone.
-    """
-    sysctls = [Path(f"/proc/sys/net/ipv6/conf/{i}/forwarding") for i in ("all", "default")]
-    before = [path.read_text() for path in sysctls]
-    try:
-        yield create_dual_network()
-    finally:
-        remove_dual_network()
-        for path, value in zip(sysctls, before, strict=True):
-            path.write_text(value)
+    """The tests' dual-stack Docker network (see tests.infra.DUAL_NETWORK)."""
+    with ipv6_forwarding():
+        try:
+            yield create_dual_network()
+        finally:
+            remove_dual_network()
 
 
 @pytest.fixture

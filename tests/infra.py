@@ -307,6 +307,25 @@ DUAL_SUBNET6 = "fd77:1::/64"  # a ULA: never routed beyond this host
 DUAL_KEEPER = f"{DUAL_NETWORK}-keeper"
 
 
+@contextlib.contextmanager
+def ipv6_forwarding() -> Iterator[None]:
+    """IPv6 forwarding for the block, then the host's settings back.
+
+    Docker turns it on when it creates an IPv6 network (see DUAL_NETWORK) and never back
+    off; a host that takes its IPv6 address from router advertisements (accept_ra=1)
+    would drop it while forwarding, so nothing a test turns on outlives the test.
+    """
+    sysctls = [Path(f"/proc/sys/net/ipv6/conf/{i}/forwarding") for i in ("all", "default")]
+    before = [path.read_text() for path in sysctls]
+    try:
+        for path in sysctls:
+            path.write_text("1\n")
+        yield
+    finally:
+        for path, value in zip(sysctls, before, strict=True):
+            path.write_text(value)
+
+
 def create_dual_network(timeout: float = 15.0) -> str:
     """The tests' dual-stack network (made if missing), ready for v6 traffic; its name.
 

@@ -24,7 +24,7 @@ from natports.backends.ipt_render import V6_MARK, split_batch
 from natports.backends.iptables import IptablesBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
-from tests.infra import ClientNet, TagServer, UdpFlow, sh
+from tests.infra import ClientNet, TagServer, UdpFlow, ipv6_forwarding, sh
 from tests.kernel.conftest import CLIENT6, HOST6, SUBNET6
 from tests.kernel.xtables import PREFIX, ours, save
 
@@ -224,26 +224,27 @@ def test_a_v6_hairpin_flow_is_masqueraded(ipt: IptablesBackend, net6: ClientNet)
     sees the host's address) lets the answer come back through the host."""
     argv = ["ip", "netns", "exec", net6.ns, sys.executable, "-c", PEER_SERVER, CLIENT6]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        hairpin = Route(
-            "six",
-            "web",
-            RouteKey(6, Protocol.TCP, 25067),
-            port,
-            (Backend("c6-hairpin", ip_address(CLIENT6), port),),
-            hairpin_subnets=(SUBNET6,),
-        )
-        ipt.run(ipt.plan_app([], [hairpin]))
-        assert net6.connect_once(25067, host=HOST6) == {"tag": HOST6}
-        if ipt.variant == "nft":  # the premise, once (a failed connect waits 5 s)
-            # Without the subnet the flow is not masqueraded: the backend answers the client
-            # directly, from an address the client never dialled, and the connect fails.
-            ipt.run(ipt.plan_app([hairpin], [replace(hairpin, hairpin_subnets=())]))
-            assert "error" in net6.connect_once(25067, host=HOST6)
-    finally:
-        server.kill()
-        server.wait()
-        if server.stdout:
-            server.stdout.close()
+    with ipv6_forwarding():  # the flow goes back out of the interface it came in on
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            hairpin = Route(
+                "six",
+                "web",
+                RouteKey(6, Protocol.TCP, 25067),
+                port,
+                (Backend("c6-hairpin", ip_address(CLIENT6), port),),
+                hairpin_subnets=(SUBNET6,),
+            )
+            ipt.run(ipt.plan_app([], [hairpin]))
+            assert net6.connect_once(25067, host=HOST6) == {"tag": HOST6}
+            if ipt.variant == "nft":  # the premise, once (a failed connect waits 5 s)
+                # Without the subnet the flow is not masqueraded: the backend answers the client
+                # directly, from an address the client never dialled, and the connect fails.
+                ipt.run(ipt.plan_app([hairpin], [replace(hairpin, hairpin_subnets=())]))
+                assert "error" in net6.connect_once(25067, host=HOST6)
+        finally:
+            server.kill()
+            server.wait()
+            if server.stdout:
+                server.stdout.close()
