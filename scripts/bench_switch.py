@@ -9,10 +9,17 @@ and reports the median time of the `nft -f -` run of the switch batch; then it
 times full applies (`plan_reconcile` + run) of all N routes. A last row switches
 an app that maps a 10,000-port UDP range.
 
-`--compare REV` measures the renderer of git revision REV the same way, in the
-same run (the "before" column): `--compare 4c5f9e8` is the layout with one chain
-and named counter per route. Output: a table, then one JSON line; `--png FILE`
-also draws the figures (needs the `bench` extra: matplotlib).
+`--compare REV` measures the renderer and nft backend of git revision REV the same
+way, in the same run (the "before" column): `--compare 4c5f9e8` is the layout with
+one chain and named counter per route, `--compare e2e7160` this layout driven by the
+`nft` binary with a full apply that reads counters as JSON and rebuilds the table.
+`--binary` also measures this tree with NATPORTS_NFT=binary (the `nft` binary and
+JSON reads instead of libnftables and netlink). Output: a table, then one JSON line;
+`--png FILE` also draws the figures (needs the `bench` extra: matplotlib).
+
+`--process` measures what a person at the CLI waits for: each switch is a fresh
+Python process that imports natports, plans and runs the switch, and exits (the
+socket close at exit included), alternating libnftables and the nft binary.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -86,6 +94,7 @@ class Renderer:
     render_reconcile: Render
     live: Callable[[NftBackend], Any]
     expand: bool = False  # renderers before ranges were routes: one route per port
+    backend: Callable[[], Any] = lambda: NftBackend(TABLE)  # runs the batches
 
     def _routes(self, routes: Sequence[Route]) -> list[Route]:
         return [p for r in routes for p in r.expanded()] if self.expand else list(routes)
@@ -97,9 +106,14 @@ class Renderer:
         return self.render_reconcile(self.live(nft), self._routes(routes), TABLE)
 
 
-def current() -> Renderer:
+def current(direct: bool = True) -> Renderer:
+    """This tree; `direct=False`: driven like NATPORTS_NFT=binary (nft binary, JSON reads)."""
     return Renderer(
-        "after (this tree)", nft_render.render_app, nft_render.render_reconcile, NftBackend.live
+        "after (this tree)" if direct else "this tree, nft binary",
+        nft_render.render_app,
+        nft_render.render_reconcile,
+        NftBackend.live,
+        backend=lambda: NftBackend(TABLE, direct=direct),
     )
 
 
@@ -107,6 +121,7 @@ def from_revision(rev: str) -> Renderer:
     """Load natports/backends/nft_render.py (and its live reader) as they were at `rev`."""
     root = Path(__file__).resolve().parent.parent
     modules: dict[str, ModuleType] = {}
+    sources: dict[str, str] = {}
     for name in ("nft_render", "nftables"):
         text = subprocess.run(
             ["git", "-C", str(root), "show", f"{rev}:natports/backends/{name}.py"],
@@ -120,6 +135,7 @@ def from_revision(rev: str) -> Renderer:
         text = text.replace(
             "from . import nft_render", "import natports.backends._old_nft_render as nft_render"
         )
+        sources[name] = text
         full = f"natports.backends._old_{name}"
         spec = importlib.util.spec_from_loader(full, loader=None)
         assert spec is not None
@@ -134,8 +150,15 @@ def from_revision(rev: str) -> Renderer:
         return old_backend(nft.table).live()
 
     render = modules["nft_render"]
+    # Renderers from before ranges were first-class (4c5f9e8) take one route per port.
+    expand = "range_" not in sources["nft_render"]
     return Renderer(
-        f"before ({rev})", render.render_app, render.render_reconcile, live, expand=True
+        f"before ({rev})",
+        render.render_app,
+        render.render_reconcile,
+        live,
+        expand=expand,
+        backend=lambda: old_backend(TABLE),
     )
 
 
@@ -145,8 +168,9 @@ def timed(nft: NftBackend, batch: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> dict[str, Any]:
+def measure(renderer: Renderer, size: int, count: int = 1) -> dict[str, Any]:
     """Switch and full-apply times with `size` other routes in the table."""
+    nft = renderer.backend()
     nft.run(nft.plan_flush_all())
     others = filler(size)
     nft.run(renderer.plan_reconcile(nft, others))
@@ -158,7 +182,7 @@ def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> d
         switch.append(timed(nft, batch))
     lines = batch.count("\n")
     intact = []
-    for _ in range(5 if not renderer.expand else 0):  # intact() reads this layout
+    for _ in range(5 if hasattr(nft, "intact") else 0):  # 4c5f9e8 had no intact()
         start = time.perf_counter()
         nft.intact()
         intact.append((time.perf_counter() - start) * 1000)
@@ -210,10 +234,72 @@ def paired(small: int, large: int, rounds: int = 40) -> dict[str, Any]:
     }
 
 
-def run_all(nft: NftBackend, renderer: Renderer, sizes: Sequence[int]) -> list[dict[str, Any]]:
-    rows = [measure(nft, renderer, size) for size in sizes]
-    rows.append(measure(nft, renderer, sizes[-1], RANGE))
+def run_all(renderer: Renderer, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    rows = [measure(renderer, size) for size in sizes]
+    rows.append(measure(renderer, sizes[-1], RANGE))
     return rows
+
+
+CHILD = """
+import json, sys, time
+start = time.monotonic()
+from natports.backends.nftables import NftBackend
+from scripts.bench_switch import TABLE, switched
+imported = time.monotonic()
+i = int(sys.argv[1])
+pair = [switched("172.31.0.2"), switched("172.31.0.3")]
+nft = NftBackend(TABLE)
+batch = nft.plan_app(pair[i % 2], pair[(i + 1) % 2])
+planned = time.monotonic()
+nft.run(batch)
+done = time.monotonic()
+print(json.dumps({"import": imported - start, "plan": planned - imported,
+                  "run": done - planned, "done": done}))
+"""
+
+
+def processes(size: int, rounds: int = 20) -> dict[str, Any]:
+    """CLI-visible switch: a fresh process per switch, libnftables vs the nft binary.
+
+    Alternates the two so that machine load hits both alike. `exit` is the time from
+    the end of the batch to the parent seeing the process end: the socket close.
+    """
+    root = Path(__file__).resolve().parent.parent
+    nft = NftBackend(TABLE)
+    modes = {"libnftables": {}, "nft binary": {"NATPORTS_NFT": "binary"}}
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    try:
+        nft.run(nft.plan_flush_all())
+        nft.run(nft.plan_reconcile([*filler(size), *switched("172.31.0.2")]))
+        i = 0
+        for _ in range(rounds):
+            for mode, env in modes.items():
+                start = time.monotonic()
+                proc = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(i)],
+                    cwd=root,
+                    env={**os.environ, **env},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                end = time.monotonic()
+                child = json.loads(proc.stdout)
+                for key, value in (
+                    ("total", end - start),
+                    ("import", child["import"]),
+                    ("plan", child["plan"]),
+                    ("batch", child["run"]),
+                    ("exit", end - child["done"]),
+                ):
+                    times[mode].setdefault(key, []).append(value * 1000)
+                i += 1
+    finally:
+        nft.run(nft.plan_flush_all())
+    return {
+        mode: {key: round(statistics.median(v), 2) for key, v in parts.items()}
+        for mode, parts in times.items()
+    }
 
 
 def _ms(value: float | None) -> str:
@@ -288,8 +374,25 @@ def main() -> None:
     parser.add_argument(
         "--paired", action="store_true", help="only: switches alternating 1 / 30,000 routes"
     )
+    parser.add_argument(
+        "--binary", action="store_true", help="also: this tree with NATPORTS_NFT=binary"
+    )
+    parser.add_argument(
+        "--process",
+        action="store_true",
+        help="only: a fresh process per switch (at the last size), libnftables vs nft binary",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.process:
+        found = processes(sizes[-1])
+        for mode, parts in found.items():
+            print(
+                f"process per switch, {sizes[-1]} routes, {mode}: "
+                + ", ".join(f"{k} {v} ms" for k, v in parts.items())
+            )
+        print(json.dumps({"bench": "switch-process", "routes": sizes[-1], "results": found}))
+        return
     if args.paired:
         result = paired(sizes[0], sizes[-1])
         print(
@@ -300,12 +403,14 @@ def main() -> None:
         return
     nft = NftBackend(TABLE)
     renderers = [current()]
+    if args.binary:
+        renderers.append(current(direct=False))
     if args.compare:
         renderers.append(from_revision(args.compare))
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         for renderer in renderers:
-            results[renderer.name] = run_all(nft, renderer, sizes)
+            results[renderer.name] = run_all(renderer, sizes)
     finally:
         nft.run(nft.plan_flush_all())
     for name, rows in results.items():
