@@ -367,7 +367,11 @@ def draw(png: Path, results: dict[str, list[dict[str, Any]]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--compare", metavar="REV", help="also measure this git revision's renderer"
+        "--compare",
+        metavar="REV",
+        action="append",
+        default=[],
+        help="also measure this git revision's renderer and nft backend (repeatable)",
     )
     parser.add_argument("--png", type=Path, help="draw the figures into this PNG")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -405,8 +409,7 @@ def main() -> None:
     renderers = [current()]
     if args.binary:
         renderers.append(current(direct=False))
-    if args.compare:
-        renderers.append(from_revision(args.compare))
+    renderers += [from_revision(rev) for rev in args.compare]
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         for renderer in renderers:

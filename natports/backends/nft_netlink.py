@@ -20,11 +20,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeVar
 
 NETLINK_NETFILTER = 12
 NFPROTO = {"inet": 1, "ip": 2, "ip6": 10}
 SUBSYS = 10 << 8  # NFNL_SUBSYS_NFTABLES
-GETCHAIN, GETSET, GETSETELEM, GETOBJ, GETFLOWTABLE = 4, 10, 13, 19, 23
+GETCHAIN, GETRULE, GETSET, GETSETELEM, GETOBJ, GETFLOWTABLE = 4, 7, 10, 13, 19, 23
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFT_SET_ANONYMOUS = 0x1
@@ -265,18 +266,42 @@ _shared: Reader | None = None
 _guard = threading.Lock()
 
 
-def snapshot(family: str, table: str, sets: list[str], timeout: float = 10.0) -> Snapshot:
-    """The table's chains, named sets, other objects, and the elements of `sets`."""
+T = TypeVar("T")
+
+
+def _using_reader(timeout: float, work: Callable[[Reader], T]) -> T:
+    """Run `work` on the process's reader (opened on first use, kept open)."""
     global _shared
     with _guard:
         if _shared is None:
             _shared = Reader(timeout)
         try:
-            return _read(_shared, family, table, sets)
+            return work(_shared)
         except BaseException:
             _shared.close()  # a dump may be half read: start over with a new socket
             _shared = None
             raise
+
+
+def snapshot(family: str, table: str, sets: list[str], timeout: float = 10.0) -> Snapshot:
+    """The table's chains, named sets, other objects, and the elements of `sets`."""
+    return _using_reader(timeout, lambda reader: _read(reader, family, table, sets))
+
+
+def rule_counts(
+    family: str, table: str, chains: list[str], timeout: float = 10.0
+) -> dict[str, int]:
+    """chain -> how many rules it holds (0: none, or no such chain); cheap at any size:
+    the kernel dumps only these chains' rules, and nothing is decoded but their number."""
+
+    def count(reader: Reader) -> dict[str, int]:
+        counts = {}
+        for chain in chains:
+            request = _attr(1, table.encode() + b"\0") + _attr(2, chain.encode() + b"\0")
+            counts[chain] = len(reader.dump(GETRULE, family, request))
+        return counts
+
+    return _using_reader(timeout, count)
 
 
 def _read(reader: Reader, family: str, table: str, sets: list[str]) -> Snapshot:

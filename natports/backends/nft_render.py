@@ -97,8 +97,30 @@ def _dnat_value(route: Route) -> str:
     return f"{backend.ip} . {backend.port}"
 
 
-def skeleton(table: str = TABLE) -> list[str]:
-    """The fixed part: declared with `add` (idempotent), base chains flushed and refilled."""
+def skeleton(table: str = TABLE, refill: bool = True) -> list[str]:
+    """The fixed part: declared with `add` (idempotent), base chains flushed and refilled.
+
+    `refill=False`: declarations only, for a table whose skeleton rules were just seen
+    in place. Refilling re-binds the dispatch rules to the maps, and the kernel checks
+    every element of a map it binds: 2.4 ms of a 30,000-route switch instead of 0.4.
+    """
+    lines = _skeleton(table)
+    if refill:
+        return lines
+    return [line for line in lines if not line.startswith(("flush chain", "add rule"))]
+
+
+def skeleton_rules(table: str = TABLE) -> dict[str, int]:
+    """chain -> how many rules the skeleton puts in it."""
+    counts: dict[str, int] = {}
+    for line in _skeleton(table):
+        if line.startswith("add rule"):
+            chain = line[len(f"add rule {table} ") :].split(" ", 1)[0]
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def _skeleton(table: str) -> list[str]:
     lines = [f"add table {table}"]
     for f in FAMILIES:
         a = _addr_type(f)
@@ -269,14 +291,17 @@ def _hairpin_lines(routes: Iterable[Route], table: str) -> list[str]:
     return lines
 
 
-def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE) -> str:
+def render_app(
+    previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE, refill: bool = True
+) -> str:
     """One app's switch: the skeleton, then only the app's elements and chains.
 
     Every element of `desired` is (re-)added: `add` of an element the kernel holds
     unchanged is a no-op, and one it lost comes back. An element whose value changes
-    is deleted and added (the kernel cannot replace a value in place).
+    is deleted and added (the kernel cannot replace a value in place). `refill`: the
+    skeleton's rules too (see `skeleton`).
     """
-    lines = skeleton(table)
+    lines = skeleton(table, refill)
     wanted = {r.key: r for r in desired}
     for old in sorted(previous, key=Route.sort_key):
         new = wanted.get(old.key)

@@ -190,6 +190,25 @@ def test_intact_is_cheap_and_false_without_a_table(nft: NftBackend) -> None:
     assert not nft.intact()
 
 
+def test_a_switch_refills_the_skeleton_only_when_it_is_not_in_place() -> None:
+    nft = NftBackend(TABLE)
+    mail = [route("mail", 21025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_app([], mail))
+    full = listing()
+    moved = [route("mail", 21025, ("172.30.0.3", 5025))]
+    batch = nft.plan_app(mail, moved)
+    assert "add rule" not in batch and "flush chain" not in batch
+    nft.run(batch)
+    nft.run(nft.plan_app(moved, mail))
+    assert listing() == full
+    sh("nft", "flush", "chain", *TABLE.split(), "dispatch")  # drift the chains survive
+    assert not nft.intact()  # so the agent repairs it
+    batch = nft.plan_app(mail, mail)
+    assert "flush chain" in batch
+    nft.run(batch)
+    assert listing() == full and nft.intact()
+
+
 def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
     probe = ("inet", f"{NFT_TABLE}_probe")  # a table this test owns, standing in for others
     sh("nft", "add", "table", *probe)

@@ -19,6 +19,7 @@ from natports.backends.nft_render import (
     render_flush_all,
     render_reconcile,
     route_id,
+    skeleton_rules,
 )
 from natports.model import Protocol, Route, RouteKey
 from tests.unit.routes import route
@@ -244,6 +245,18 @@ delete element inet natports dnat_any4 { tcp . 26 }
 """
         + MAIL_25
     )
+
+
+def test_a_switch_leaves_a_skeleton_in_place_alone() -> None:
+    """Refilling re-binds the maps (the kernel checks each element): only when needed."""
+    declared = "".join(
+        f"{line}\n"
+        for line in SKELETON.splitlines()
+        if not line.startswith(("flush chain", "add rule"))
+    )
+    assert render_app([], [mail_25()], refill=False) == declared + MAIL_25
+    assert skeleton_rules() == {"dispatch": 20, "prerouting": 1, "output": 2, "postrouting": 1}
+    assert sum(skeleton_rules().values()) == SKELETON.count("add rule")
 
 
 def test_a_route_with_no_backend_is_counted_but_never_dnated() -> None:
