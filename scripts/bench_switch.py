@@ -39,7 +39,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from natports.backends import nft_render
 from natports.backends.nftables import NftBackend
 from natports.model import Backend, Protocol, Route, RouteKey
 
@@ -82,39 +81,30 @@ def switched(ip: str, count: int = 1) -> list[Route]:
     ]
 
 
-Render = Callable[..., str]
-
-
 @dataclass
 class Renderer:
-    """The renderer under test: this tree's, or another revision's (`--compare`)."""
+    """The nft backend under test (renderer, reads, runs): this tree's, or another
+    revision's (`--compare`). Plans as natports does: through the backend's own
+    plan_app / plan_reconcile (which read the table where that revision did)."""
 
     name: str
-    render_app: Render
-    render_reconcile: Render
-    live: Callable[[NftBackend], Any]
+    backend: Callable[[], Any]
     expand: bool = False  # renderers before ranges were routes: one route per port
-    backend: Callable[[], Any] = lambda: NftBackend(TABLE)  # runs the batches
 
     def _routes(self, routes: Sequence[Route]) -> list[Route]:
         return [p for r in routes for p in r.expanded()] if self.expand else list(routes)
 
-    def plan_app(self, prev: Sequence[Route], new: Sequence[Route]) -> str:
-        return self.render_app(self._routes(prev), self._routes(new), TABLE)
+    def plan_app(self, nft: Any, prev: Sequence[Route], new: Sequence[Route]) -> str:
+        return str(nft.plan_app(self._routes(prev), self._routes(new)))
 
-    def plan_reconcile(self, nft: NftBackend, routes: Sequence[Route]) -> str:
-        return self.render_reconcile(self.live(nft), self._routes(routes), TABLE)
+    def plan_reconcile(self, nft: Any, routes: Sequence[Route]) -> str:
+        return str(nft.plan_reconcile(self._routes(routes)))
 
 
 def current(direct: bool = True) -> Renderer:
     """This tree; `direct=False`: driven like NATPORTS_NFT=binary (nft binary, JSON reads)."""
-    return Renderer(
-        "after (this tree)" if direct else "this tree, nft binary",
-        nft_render.render_app,
-        nft_render.render_reconcile,
-        NftBackend.live,
-        backend=lambda: NftBackend(TABLE, direct=direct),
-    )
+    name = "after (this tree)" if direct else "this tree, nft binary"
+    return Renderer(name, lambda: NftBackend(TABLE, direct=direct))
 
 
 def from_revision(rev: str) -> Renderer:
@@ -145,21 +135,9 @@ def from_revision(rev: str) -> Renderer:
         exec(compile(text, f"{rev}:{name}.py", "exec"), module.__dict__)
         modules[name] = module
     old_backend = modules["nftables"].NftBackend
-
-    def live(nft: NftBackend) -> Any:
-        return old_backend(nft.table).live()
-
-    render = modules["nft_render"]
     # Renderers from before ranges were first-class (4c5f9e8) take one route per port.
     expand = "range_" not in sources["nft_render"]
-    return Renderer(
-        f"before ({rev})",
-        render.render_app,
-        render.render_reconcile,
-        live,
-        expand=expand,
-        backend=lambda: old_backend(TABLE),
-    )
+    return Renderer(f"before ({rev})", lambda: old_backend(TABLE), expand=expand)
 
 
 def timed(nft: NftBackend, batch: str) -> float:
@@ -175,10 +153,10 @@ def measure(renderer: Renderer, size: int, count: int = 1) -> dict[str, Any]:
     others = filler(size)
     nft.run(renderer.plan_reconcile(nft, others))
     pair = [switched("172.31.0.2", count), switched("172.31.0.3", count)]
-    nft.run(renderer.plan_app([], pair[0]))
+    nft.run(renderer.plan_app(nft, [], pair[0]))
     switch = []
     for i in range(SWITCHES):
-        batch = renderer.plan_app(pair[i % 2], pair[(i + 1) % 2])
+        batch = renderer.plan_app(nft, pair[i % 2], pair[(i + 1) % 2])
         switch.append(timed(nft, batch))
     lines = batch.count("\n")
     intact = []

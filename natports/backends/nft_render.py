@@ -365,15 +365,15 @@ def wanted(desired: Sequence[Route]) -> tuple[dict[str, dict[str, str | None]], 
     want: dict[str, dict[str, str | None]] = {name: {} for name in element_sets()}
     chained = []
     for route in sorted(desired, key=Route.sort_key):
-        key = element_key(route.key)
-        if kind(route) != "range":
-            want[f"count_{scope(route.key)}"][key] = None
+        key, where, how = element_key(route.key), scope(route.key), kind(route)
+        if how != "range":
+            want[f"count_{where}"][key] = None
         if not route.backends:
             continue
-        if kind(route) == "dnat":
-            want[_map(route)][key] = _dnat_value(route)
+        if how == "dnat":
+            want[f"dnat_{where}"][key] = _dnat_value(route)
         else:
-            want[_map(route)][key] = f"goto {chain_name(route.app, route.key)}"
+            want[f"{how}_{where}"][key] = f"goto {chain_name(route.app, route.key)}"
             chained.append(route)
     return want, chained
 

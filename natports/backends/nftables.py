@@ -36,7 +36,8 @@ class NftBackend:
             direct = os.environ.get("NATPORTS_NFT") != "binary"
         self.lib = libnft.load() if direct else None
         self.netlink = direct
-        self._rebuild: tuple[str, str] | None = None  # (incremental batch, its fallback)
+        # The last incremental reconcile planned, and what its fallback rebuild needs.
+        self._rebuild: tuple[str, LiveTable, tuple[Route, ...]] | None = None
         self.forwarding = forwarding  # None: leave Docker's filter alone (-p needed)
         self._forwards: bool | None = None
         self._ensured = False
@@ -66,7 +67,7 @@ class NftBackend:
         live = self.live()
         batch = nft_render.render_reconcile(live, desired, self.table)
         if live is not None and live.elements is not None:
-            self._rebuild = (batch, nft_render.render_rebuild(live, desired, self.table))
+            self._rebuild = (batch, live, tuple(desired))  # rendered only if needed
         return batch
 
     def plan_flush_all(self) -> str:
@@ -85,7 +86,8 @@ class NftBackend:
         except NatportsError:
             if self._rebuild is None or self._rebuild[0] != batch:
                 raise
-            self._nft(["-f", "-"], self._rebuild[1])  # the exact rebuild, counters carried
+            _, live, desired = self._rebuild  # the exact rebuild, counters carried
+            self._nft(["-f", "-"], nft_render.render_rebuild(live, desired, self.table))
         finally:
             self._rebuild = None
         if self.forwarding is not None and flush:
