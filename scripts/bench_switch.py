@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import ModuleType
@@ -280,6 +280,35 @@ def processes(size: int, rounds: int = 20) -> dict[str, Any]:
     }
 
 
+def cold(sizes: Sequence[int], rounds: int = 3) -> dict[str, dict[int, float]]:
+    """Full applies that must build everything: the table is gone (first apply, or
+    after `nft flush ruleset`), and one where every route moved to a new backend."""
+    found: dict[str, dict[int, float]] = {}
+    for direct in (True, False):
+        nft = NftBackend(TABLE, direct=direct)
+        mode = "libnftables" if direct else "nft binary"
+        try:
+            for size in sizes:
+                routes = [*filler(size), *switched("172.31.0.2")]
+                moved = [replace(r, backends=(replace(r.backends[0], port=6025),)) for r in routes]
+                empty, changed = [], []
+                for _ in range(rounds):
+                    nft.run(nft.plan_flush_all())
+                    start = time.perf_counter()
+                    nft.run(nft.plan_reconcile(routes))
+                    empty.append((time.perf_counter() - start) * 1000)
+                    start = time.perf_counter()
+                    nft.run(nft.plan_reconcile(moved))
+                    changed.append((time.perf_counter() - start) * 1000)
+                found.setdefault(f"{mode}, no table", {})[size] = round(statistics.median(empty), 1)
+                found.setdefault(f"{mode}, every route moved", {})[size] = round(
+                    statistics.median(changed), 1
+                )
+        finally:
+            nft.run(nft.plan_flush_all())
+    return found
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
@@ -330,8 +359,9 @@ def draw(png: Path, results: dict[str, list[dict[str, Any]]]) -> None:
         plain = [r for r in rows if not r["range_ports"]]
         xs = [r["routes"] for r in plain]
         left.plot(xs, [r["switch_ms"] for r in plain], marker="o", label=name)
-        right.plot(xs, [r["full_apply_ms"] for r in plain], marker="o", label=name)
-    for axis, title in ((left, "one-app switch: nft batch"), (right, "full apply: nft batch")):
+        right.plot(xs, [r["full_apply_with_read_ms"] for r in plain], marker="o", label=name)
+    titles = ((left, "one-app switch: nft batch"), (right, "full apply: plan (reads) + batch"))
+    for axis, title in titles:
         axis.set_xscale("symlog", linthresh=1)
         axis.set_xlabel("routes in the table")
         axis.set_ylabel("ms (median)")
@@ -364,8 +394,19 @@ def main() -> None:
         action="store_true",
         help="only: a fresh process per switch (at the last size), libnftables vs nft binary",
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="only: full applies (plan + run) into no table, and with every route moved",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.cold:
+        results = cold(sizes)
+        for what, by_size in results.items():
+            print(f"full apply, {what}: " + ", ".join(f"{n}: {v} ms" for n, v in by_size.items()))
+        print(json.dumps({"bench": "full-apply-cold", "results": results}))
+        return
     if args.process:
         found = processes(sizes[-1])
         for mode, parts in found.items():
