@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,7 +180,9 @@ class NftBackend:
 
     def _nft(self, args: list[str], stdin: str = "", missing_ok: bool = False) -> str | None:
         """`nft ARGS` (`-j`: JSON output; `-f -`: the batch on stdin), in-process if we can."""
-        if self.lib is not None:
+        if self.lib is not None and shutil.which(self.nft) is not None:
+            # Only where the nftables package is installed (as `doctor` checks): the
+            # library is the same nft, without a process per batch.
             json_output = args[:1] == ["-j"]
             rest = args[1:] if json_output else args
             outcome = self.lib.run(stdin if rest == ["-f", "-"] else " ".join(rest), json_output)
