@@ -9,10 +9,17 @@ and reports the median time of the `nft -f -` run of the switch batch; then it
 times full applies (`plan_reconcile` + run) of all N routes. A last row switches
 an app that maps a 10,000-port UDP range.
 
-`--compare REV` measures the renderer of git revision REV the same way, in the
-same run (the "before" column): `--compare 4c5f9e8` is the layout with one chain
-and named counter per route. Output: a table, then one JSON line; `--png FILE`
-also draws the figures (needs the `bench` extra: matplotlib).
+`--compare REV` measures the renderer and nft backend of git revision REV the same
+way, in the same run (the "before" column): `--compare 4c5f9e8` is the layout with
+one chain and named counter per route, `--compare e2e7160` this layout driven by the
+`nft` binary with a full apply that reads counters as JSON and rebuilds the table.
+`--binary` also measures this tree with NATPORTS_NFT=binary (the `nft` binary and
+JSON reads instead of libnftables and netlink). Output: a table, then one JSON line;
+`--png FILE` also draws the figures (needs the `bench` extra: matplotlib).
+
+`--process` measures what a person at the CLI waits for: each switch is a fresh
+Python process that imports natports, plans and runs the switch, and exits (the
+socket close at exit included), alternating libnftables and the nft binary.
 """
 
 from __future__ import annotations
@@ -20,18 +27,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from natports.backends import nft_render
 from natports.backends.nftables import NftBackend
 from natports.model import Backend, Protocol, Route, RouteKey
 
@@ -74,39 +81,37 @@ def switched(ip: str, count: int = 1) -> list[Route]:
     ]
 
 
-Render = Callable[..., str]
-
-
 @dataclass
 class Renderer:
-    """The renderer under test: this tree's, or another revision's (`--compare`)."""
+    """The nft backend under test (renderer, reads, runs): this tree's, or another
+    revision's (`--compare`). Plans as natports does: through the backend's own
+    plan_app / plan_reconcile (which read the table where that revision did)."""
 
     name: str
-    render_app: Render
-    render_reconcile: Render
-    live: Callable[[NftBackend], Any]
+    backend: Callable[[], Any]
     expand: bool = False  # renderers before ranges were routes: one route per port
 
     def _routes(self, routes: Sequence[Route]) -> list[Route]:
         return [p for r in routes for p in r.expanded()] if self.expand else list(routes)
 
-    def plan_app(self, prev: Sequence[Route], new: Sequence[Route]) -> str:
-        return self.render_app(self._routes(prev), self._routes(new), TABLE)
+    def plan_app(self, nft: Any, prev: Sequence[Route], new: Sequence[Route]) -> str:
+        return str(nft.plan_app(self._routes(prev), self._routes(new)))
 
-    def plan_reconcile(self, nft: NftBackend, routes: Sequence[Route]) -> str:
-        return self.render_reconcile(self.live(nft), self._routes(routes), TABLE)
+    def plan_reconcile(self, nft: Any, routes: Sequence[Route]) -> str:
+        return str(nft.plan_reconcile(self._routes(routes)))
 
 
-def current() -> Renderer:
-    return Renderer(
-        "after (this tree)", nft_render.render_app, nft_render.render_reconcile, NftBackend.live
-    )
+def current(direct: bool = True) -> Renderer:
+    """This tree; `direct=False`: driven like NATPORTS_NFT=binary (nft binary, JSON reads)."""
+    name = "after (this tree)" if direct else "this tree, nft binary"
+    return Renderer(name, lambda: NftBackend(TABLE, direct=direct))
 
 
 def from_revision(rev: str) -> Renderer:
     """Load natports/backends/nft_render.py (and its live reader) as they were at `rev`."""
     root = Path(__file__).resolve().parent.parent
     modules: dict[str, ModuleType] = {}
+    sources: dict[str, str] = {}
     for name in ("nft_render", "nftables"):
         text = subprocess.run(
             ["git", "-C", str(root), "show", f"{rev}:natports/backends/{name}.py"],
@@ -120,6 +125,7 @@ def from_revision(rev: str) -> Renderer:
         text = text.replace(
             "from . import nft_render", "import natports.backends._old_nft_render as nft_render"
         )
+        sources[name] = text
         full = f"natports.backends._old_{name}"
         spec = importlib.util.spec_from_loader(full, loader=None)
         assert spec is not None
@@ -129,14 +135,9 @@ def from_revision(rev: str) -> Renderer:
         exec(compile(text, f"{rev}:{name}.py", "exec"), module.__dict__)
         modules[name] = module
     old_backend = modules["nftables"].NftBackend
-
-    def live(nft: NftBackend) -> Any:
-        return old_backend(nft.table).live()
-
-    render = modules["nft_render"]
-    return Renderer(
-        f"before ({rev})", render.render_app, render.render_reconcile, live, expand=True
-    )
+    # Renderers from before ranges were first-class (4c5f9e8) take one route per port.
+    expand = "range_" not in sources["nft_render"]
+    return Renderer(f"before ({rev})", lambda: old_backend(TABLE), expand=expand)
 
 
 def timed(nft: NftBackend, batch: str) -> float:
@@ -145,20 +146,21 @@ def timed(nft: NftBackend, batch: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def measure(nft: NftBackend, renderer: Renderer, size: int, count: int = 1) -> dict[str, Any]:
+def measure(renderer: Renderer, size: int, count: int = 1) -> dict[str, Any]:
     """Switch and full-apply times with `size` other routes in the table."""
+    nft = renderer.backend()
     nft.run(nft.plan_flush_all())
     others = filler(size)
     nft.run(renderer.plan_reconcile(nft, others))
     pair = [switched("172.31.0.2", count), switched("172.31.0.3", count)]
-    nft.run(renderer.plan_app([], pair[0]))
+    nft.run(renderer.plan_app(nft, [], pair[0]))
     switch = []
     for i in range(SWITCHES):
-        batch = renderer.plan_app(pair[i % 2], pair[(i + 1) % 2])
+        batch = renderer.plan_app(nft, pair[i % 2], pair[(i + 1) % 2])
         switch.append(timed(nft, batch))
     lines = batch.count("\n")
     intact = []
-    for _ in range(5 if not renderer.expand else 0):  # intact() reads this layout
+    for _ in range(5 if hasattr(nft, "intact") else 0):  # 4c5f9e8 had no intact()
         start = time.perf_counter()
         nft.intact()
         intact.append((time.perf_counter() - start) * 1000)
@@ -210,10 +212,101 @@ def paired(small: int, large: int, rounds: int = 40) -> dict[str, Any]:
     }
 
 
-def run_all(nft: NftBackend, renderer: Renderer, sizes: Sequence[int]) -> list[dict[str, Any]]:
-    rows = [measure(nft, renderer, size) for size in sizes]
-    rows.append(measure(nft, renderer, sizes[-1], RANGE))
+def run_all(renderer: Renderer, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    rows = [measure(renderer, size) for size in sizes]
+    rows.append(measure(renderer, sizes[-1], RANGE))
     return rows
+
+
+CHILD = """
+import json, sys, time
+start = time.monotonic()
+from natports.backends.nftables import NftBackend
+from scripts.bench_switch import TABLE, switched
+imported = time.monotonic()
+i = int(sys.argv[1])
+pair = [switched("172.31.0.2"), switched("172.31.0.3")]
+nft = NftBackend(TABLE)
+batch = nft.plan_app(pair[i % 2], pair[(i + 1) % 2])
+planned = time.monotonic()
+nft.run(batch)
+done = time.monotonic()
+print(json.dumps({"import": imported - start, "plan": planned - imported,
+                  "run": done - planned, "done": done}))
+"""
+
+
+def processes(size: int, rounds: int = 20) -> dict[str, Any]:
+    """CLI-visible switch: a fresh process per switch, libnftables vs the nft binary.
+
+    Alternates the two so that machine load hits both alike. `exit` is the time from
+    the end of the batch to the parent seeing the process end: the socket close.
+    """
+    root = Path(__file__).resolve().parent.parent
+    nft = NftBackend(TABLE)
+    modes = {"libnftables": {}, "nft binary": {"NATPORTS_NFT": "binary"}}
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    try:
+        nft.run(nft.plan_flush_all())
+        nft.run(nft.plan_reconcile([*filler(size), *switched("172.31.0.2")]))
+        i = 0
+        for _ in range(rounds):
+            for mode, env in modes.items():
+                start = time.monotonic()
+                proc = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(i)],
+                    cwd=root,
+                    env={**os.environ, **env},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                end = time.monotonic()
+                child = json.loads(proc.stdout)
+                for key, value in (
+                    ("total", end - start),
+                    ("import", child["import"]),
+                    ("plan", child["plan"]),
+                    ("batch", child["run"]),
+                    ("exit", end - child["done"]),
+                ):
+                    times[mode].setdefault(key, []).append(value * 1000)
+                i += 1
+    finally:
+        nft.run(nft.plan_flush_all())
+    return {
+        mode: {key: round(statistics.median(v), 2) for key, v in parts.items()}
+        for mode, parts in times.items()
+    }
+
+
+def cold(sizes: Sequence[int], rounds: int = 3) -> dict[str, dict[int, float]]:
+    """Full applies that must build everything: the table is gone (first apply, or
+    after `nft flush ruleset`), and one where every route moved to a new backend."""
+    found: dict[str, dict[int, float]] = {}
+    for direct in (True, False):
+        nft = NftBackend(TABLE, direct=direct)
+        mode = "libnftables" if direct else "nft binary"
+        try:
+            for size in sizes:
+                routes = [*filler(size), *switched("172.31.0.2")]
+                moved = [replace(r, backends=(replace(r.backends[0], port=6025),)) for r in routes]
+                empty, changed = [], []
+                for _ in range(rounds):
+                    nft.run(nft.plan_flush_all())
+                    start = time.perf_counter()
+                    nft.run(nft.plan_reconcile(routes))
+                    empty.append((time.perf_counter() - start) * 1000)
+                    start = time.perf_counter()
+                    nft.run(nft.plan_reconcile(moved))
+                    changed.append((time.perf_counter() - start) * 1000)
+                found.setdefault(f"{mode}, no table", {})[size] = round(statistics.median(empty), 1)
+                found.setdefault(f"{mode}, every route moved", {})[size] = round(
+                    statistics.median(changed), 1
+                )
+        finally:
+            nft.run(nft.plan_flush_all())
+    return found
 
 
 def _ms(value: float | None) -> str:
@@ -266,8 +359,9 @@ def draw(png: Path, results: dict[str, list[dict[str, Any]]]) -> None:
         plain = [r for r in rows if not r["range_ports"]]
         xs = [r["routes"] for r in plain]
         left.plot(xs, [r["switch_ms"] for r in plain], marker="o", label=name)
-        right.plot(xs, [r["full_apply_ms"] for r in plain], marker="o", label=name)
-    for axis, title in ((left, "one-app switch: nft batch"), (right, "full apply: nft batch")):
+        right.plot(xs, [r["full_apply_with_read_ms"] for r in plain], marker="o", label=name)
+    titles = ((left, "one-app switch: nft batch"), (right, "full apply: plan (reads) + batch"))
+    for axis, title in titles:
         axis.set_xscale("symlog", linthresh=1)
         axis.set_xlabel("routes in the table")
         axis.set_ylabel("ms (median)")
@@ -281,15 +375,47 @@ def draw(png: Path, results: dict[str, list[dict[str, Any]]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--compare", metavar="REV", help="also measure this git revision's renderer"
+        "--compare",
+        metavar="REV",
+        action="append",
+        default=[],
+        help="also measure this git revision's renderer and nft backend (repeatable)",
     )
     parser.add_argument("--png", type=Path, help="draw the figures into this PNG")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument(
         "--paired", action="store_true", help="only: switches alternating 1 / 30,000 routes"
     )
+    parser.add_argument(
+        "--binary", action="store_true", help="also: this tree with NATPORTS_NFT=binary"
+    )
+    parser.add_argument(
+        "--process",
+        action="store_true",
+        help="only: a fresh process per switch (at the last size), libnftables vs nft binary",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="only: full applies (plan + run) into no table, and with every route moved",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.cold:
+        results = cold(sizes)
+        for what, by_size in results.items():
+            print(f"full apply, {what}: " + ", ".join(f"{n}: {v} ms" for n, v in by_size.items()))
+        print(json.dumps({"bench": "full-apply-cold", "results": results}))
+        return
+    if args.process:
+        found = processes(sizes[-1])
+        for mode, parts in found.items():
+            print(
+                f"process per switch, {sizes[-1]} routes, {mode}: "
+                + ", ".join(f"{k} {v} ms" for k, v in parts.items())
+            )
+        print(json.dumps({"bench": "switch-process", "routes": sizes[-1], "results": found}))
+        return
     if args.paired:
         result = paired(sizes[0], sizes[-1])
         print(
@@ -300,12 +426,13 @@ def main() -> None:
         return
     nft = NftBackend(TABLE)
     renderers = [current()]
-    if args.compare:
-        renderers.append(from_revision(args.compare))
+    if args.binary:
+        renderers.append(current(direct=False))
+    renderers += [from_revision(rev) for rev in args.compare]
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         for renderer in renderers:
-            results[renderer.name] = run_all(nft, renderer, sizes)
+            results[renderer.name] = run_all(renderer, sizes)
     finally:
         nft.run(nft.plan_flush_all())
     for name, rows in results.items():

@@ -97,8 +97,30 @@ def _dnat_value(route: Route) -> str:
     return f"{backend.ip} . {backend.port}"
 
 
-def skeleton(table: str = TABLE) -> list[str]:
-    """The fixed part: declared with `add` (idempotent), base chains flushed and refilled."""
+def skeleton(table: str = TABLE, refill: bool = True) -> list[str]:
+    """The fixed part: declared with `add` (idempotent), base chains flushed and refilled.
+
+    `refill=False`: declarations only, for a table whose skeleton rules were just seen
+    in place. Refilling re-binds the dispatch rules to the maps, and the kernel checks
+    every element of a map it binds: 2.4 ms of a 30,000-route switch instead of 0.4.
+    """
+    lines = _skeleton(table)
+    if refill:
+        return lines
+    return [line for line in lines if not line.startswith(("flush chain", "add rule"))]
+
+
+def skeleton_rules(table: str = TABLE) -> dict[str, int]:
+    """chain -> how many rules the skeleton puts in it."""
+    counts: dict[str, int] = {}
+    for line in _skeleton(table):
+        if line.startswith("add rule"):
+            chain = line[len(f"add rule {table} ") :].split(" ", 1)[0]
+            counts[chain] = counts.get(chain, 0) + 1
+    return counts
+
+
+def _skeleton(table: str) -> list[str]:
     lines = [f"add table {table}"]
     for f in FAMILIES:
         a = _addr_type(f)
@@ -269,14 +291,17 @@ def _hairpin_lines(routes: Iterable[Route], table: str) -> list[str]:
     return lines
 
 
-def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE) -> str:
+def render_app(
+    previous: Sequence[Route], desired: Sequence[Route], table: str = TABLE, refill: bool = True
+) -> str:
     """One app's switch: the skeleton, then only the app's elements and chains.
 
     Every element of `desired` is (re-)added: `add` of an element the kernel holds
     unchanged is a no-op, and one it lost comes back. An element whose value changes
-    is deleted and added (the kernel cannot replace a value in place).
+    is deleted and added (the kernel cannot replace a value in place). `refill`: the
+    skeleton's rules too (see `skeleton`).
     """
-    lines = skeleton(table)
+    lines = skeleton(table, refill)
     wanted = {r.key: r for r in desired}
     for old in sorted(previous, key=Route.sort_key):
         new = wanted.get(old.key)
@@ -296,9 +321,35 @@ def render_app(previous: Sequence[Route], desired: Sequence[Route], table: str =
 
 @dataclass(frozen=True)
 class LiveTable:
-    """What reconciling needs from the kernel: the counters, to carry them over."""
+    """What reconciling needs from the kernel.
+
+    `counters`: route_id -> (packets, bytes), to carry them over a rebuild.
+    `elements`: set or map name -> element key text -> value text (None in a set), for
+    every name in `element_sets()`, and `chains`: the table's chains. Both come from an
+    exact read of a table holding only what this renderer makes; when that read was not
+    possible, `elements` is None and reconciling rebuilds the table.
+    """
 
     counters: dict[str, tuple[int, int]]
+    elements: dict[str, dict[str, str | None]] | None = None
+    chains: frozenset[str] = frozenset()
+
+
+SKELETON_CHAINS = frozenset({"dispatch", "prerouting", "output", "postrouting"})
+
+
+def element_sets() -> list[str]:
+    """Every set and map whose elements are routes (hairpin sets are refilled whole)."""
+    return [
+        f"{kind}_{where}{f}"
+        for f in FAMILIES
+        for where in ("any", "addr")
+        for kind in ("dnat", "goto", "range", "count")
+    ]
+
+
+def skeleton_sets() -> frozenset[str]:
+    return frozenset([*element_sets(), *(f"hairpin{f}" for f in FAMILIES)])
 
 
 def _with_counter(item: str, found: tuple[int, int] | None) -> str:
@@ -309,11 +360,69 @@ def _with_counter(item: str, found: tuple[int, int] | None) -> str:
     return f"{key} counter packets {found[0]} bytes {found[1]}{sep}{value}"
 
 
+def wanted(desired: Sequence[Route]) -> tuple[dict[str, dict[str, str | None]], list[Route]]:
+    """set -> key -> value of `desired`, and the routes that need a chain (sorted)."""
+    want: dict[str, dict[str, str | None]] = {name: {} for name in element_sets()}
+    chained = []
+    for route in sorted(desired, key=Route.sort_key):
+        key, where, how = element_key(route.key), scope(route.key), kind(route)
+        if how != "range":
+            want[f"count_{where}"][key] = None
+        if not route.backends:
+            continue
+        if how == "dnat":
+            want[f"dnat_{where}"][key] = _dnat_value(route)
+        else:
+            want[f"{how}_{where}"][key] = f"goto {chain_name(route.app, route.key)}"
+            chained.append(route)
+    return want, chained
+
+
 def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
     """Make the whole table exactly `desired`, whatever it held (drift included).
 
-    One transaction deletes the table and builds it again, so nothing stale can
-    survive; counters are carried over from what the kernel held just before.
+    With an exact read of the table (`live.elements`), one transaction changes only
+    what differs: elements that stay are not touched, so their counters keep counting
+    (the skeleton's chains and the route chains are refilled, hairpin sets refilled
+    whole). Without one, the transaction deletes the table and builds it again, so
+    nothing stale can survive; counters are carried over from what the kernel held.
+    """
+    if live is not None and live.elements is not None:
+        return _render_changes(live, desired, table)
+    return render_rebuild(live, desired, table)
+
+
+def _render_changes(live: LiveTable, desired: Sequence[Route], table: str) -> str:
+    assert live.elements is not None
+    want, chained = wanted(desired)
+    lines = skeleton(table)
+    lines += [f"flush set {table} hairpin{f}" for f in FAMILIES]
+    lines += _hairpin_lines(desired, table)
+    adds: list[str] = []
+    for name in element_sets():
+        held, target = live.elements.get(name, {}), want[name]
+        gone = [key for key, value in held.items() if target.get(key, "") != value]
+        if gone:
+            lines.append(f"delete element {table} {name} {{ {', '.join(gone)} }}")
+        new = []
+        for key, value in target.items():
+            if key in held and held[key] == value:
+                continue
+            item = key if value is None else f"{key} : {value}"
+            new.append(_with_counter(item, live.counters.get(f"{name}:{key}")))
+        if new:
+            adds.append(f"add element {table} {name} {{ {', '.join(new)} }}")
+    keep = {chain_name(r.app, r.key) for r in chained}
+    for name in sorted(live.chains - SKELETON_CHAINS - keep):
+        lines += [f"flush chain {table} {name}", f"delete chain {table} {name}"]
+    for route in chained:
+        lines += _chain_lines(route, table)
+    return "\n".join([*lines, *adds]) + "\n"
+
+
+def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
+    """Delete the table and build it again in one transaction, counters carried over.
+
     Elements go in one `add element` per map: nft parses a long list far faster
     than as many statements.
     """

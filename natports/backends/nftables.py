@@ -1,16 +1,19 @@
-"""The nftables edge: run batches with `nft -f -`, read our table back as JSON."""
+"""The nftables edge: run batches through libnftables in-process (or `nft -f -` where
+the library is missing), read our table back through netlink dumps (or nft's JSON)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import NatportsError
 from ..forwarding import Forwarding
 from ..model import Route
-from ..runner import run
-from . import nft_render
+from ..runner import DEFAULT_TIMEOUT, run
+from . import libnft, nft_netlink, nft_render
 from .nft_render import LiveTable
 
 
@@ -20,10 +23,22 @@ class NftBackend:
     name = "nftables"
 
     def __init__(
-        self, table: str = nft_render.TABLE, nft: str = "nft", forwarding: Forwarding | None = None
+        self,
+        table: str = nft_render.TABLE,
+        nft: str = "nft",
+        forwarding: Forwarding | None = None,
+        direct: bool | None = None,
     ) -> None:
         self.table = table
         self.nft = nft
+        # direct: libnftables in-process and netlink reads; off: the nft binary for all
+        # (NATPORTS_NFT=binary, or the library is missing: then only reads are direct).
+        if direct is None:
+            direct = os.environ.get("NATPORTS_NFT") != "binary"
+        self.lib = libnft.load() if direct else None
+        self.netlink = direct
+        # The last incremental reconcile planned, and what its fallback rebuild needs.
+        self._rebuild: tuple[str, LiveTable, tuple[Route, ...]] | None = None
         self.forwarding = forwarding  # None: leave Docker's filter alone (-p needed)
         self._forwards: bool | None = None
         self._ensured = False
@@ -41,10 +56,20 @@ class NftBackend:
     # -- planning (pure apart from reading our own table) ----------------------------
 
     def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
-        return nft_render.render_app(previous, desired, self.table)
+        """The switch; it refills the skeleton's rules only when they are not in place."""
+        return nft_render.render_app(previous, desired, self.table, not self._skeleton_in_place())
 
     def plan_reconcile(self, desired: Sequence[Route]) -> str:
-        return nft_render.render_reconcile(self.live(), desired, self.table)
+        """Only the differences, when the table could be read exactly; else a rebuild.
+
+        `run` of the returned batch falls back to the rebuild if the kernel refuses the
+        changes (a set redefined by someone else): each is one transaction.
+        """
+        live = self.live()
+        batch = nft_render.render_reconcile(live, desired, self.table)
+        if live is not None and live.elements is not None:
+            self._rebuild = (batch, live, tuple(desired))  # rendered only if needed
+        return batch
 
     def plan_flush_all(self) -> str:
         return nft_render.render_flush_all(self.table)
@@ -57,26 +82,72 @@ class NftBackend:
         if self.forwarding and not flush and not self._ensured and self.forwards_unpublished():
             self.forwarding.ensure()  # before the DNAT rules that rely on it
             self._ensured = True
-        self._nft(["-f", "-"], batch)
+        try:
+            self._nft(["-f", "-"], batch)
+        except NatportsError:
+            if self._rebuild is None or self._rebuild[0] != batch:
+                raise
+            _, live, desired = self._rebuild  # the exact rebuild, counters carried
+            self._nft(["-f", "-"], nft_render.render_rebuild(live, desired, self.table))
+        finally:
+            self._rebuild = None
         if self.forwarding is not None and flush:
             self.forwarding.remove()  # nothing of natports is left to accept
             self._ensured = False
 
     def live(self) -> LiveTable | None:
-        """Only what reconciling carries over: the routes' counters (None: no table)."""
-        if not self._chains():
+        """What reconciling needs (None: no table): an exact read of the table's
+        elements and chains through netlink, or, if that fails or finds anything the
+        renderer does not make, only the counters (then reconciling rebuilds)."""
+        family, name = self.table.split()
+        try:
+            if not self.netlink:
+                raise nft_netlink.Unexpected("netlink reads are off")
+            snap = nft_netlink.snapshot(family, name, nft_render.element_sets(), DEFAULT_TIMEOUT)
+        except (nft_netlink.Unexpected, OSError):
+            if not self._chains():
+                return None
+            return LiveTable(self.counters())
+        if not snap.chains:
             return None
-        return LiveTable(self.counters())
+        counters = _snapshot_counters(snap)
+        exact = (
+            snap.sets == nft_render.skeleton_sets()
+            and not snap.others
+            and snap.chains >= nft_render.SKELETON_CHAINS
+            and all(c.startswith("r_") for c in snap.chains - nft_render.SKELETON_CHAINS)
+        )
+        if not exact:
+            return LiveTable(counters)
+        elements = {
+            set_name: {key: e.value for key, e in found.items()}
+            for set_name, found in snap.elements.items()
+        }
+        return LiveTable(counters, elements, snap.chains)
 
     def intact(self) -> bool:
-        """One cheap read: the table and the skeleton's chains exist.
+        """One cheap read: the skeleton's chains exist (with netlink reads: and hold as
+        many rules as the skeleton puts there, so a flushed chain is repaired too).
 
-        `nft list chains` lists no rules and no elements, so it costs the same at any
-        table size (listing one chain's rules made nft fetch every set element: 0.3 s
-        at 30,000 routes). What removes natports' rules in practice (`nft flush
-        ruleset`, a firewall reload, `delete table`) removes the chains too.
+        Neither reads set elements, so both cost the same at any table size (`nft
+        list chain` made nft fetch every set element: 0.3 s at 30,000 routes). What
+        removes natports' rules in practice (`nft flush ruleset`, a firewall reload,
+        `delete table`) removes the chains too.
         """
+        if self.netlink:
+            return self._skeleton_in_place()
         return self._chains() >= SKELETON_CHAINS
+
+    def _skeleton_in_place(self) -> bool:
+        """Do the skeleton's chains hold its number of rules? False if it cannot tell."""
+        if not self.netlink:
+            return False  # the nft binary reads more slowly than a refill costs
+        family, name = self.table.split()
+        want = nft_render.skeleton_rules(self.table)
+        try:
+            return nft_netlink.rule_counts(family, name, sorted(want), DEFAULT_TIMEOUT) == want
+        except (nft_netlink.Unexpected, OSError):
+            return False
 
     def _chains(self) -> set[str]:
         family, name = self.table.split()
@@ -93,6 +164,13 @@ class NftBackend:
 
     def counters(self) -> dict[str, tuple[int, int]]:
         """route_id -> (packets, bytes): only the sets and maps that carry counters are read."""
+        family, name = self.table.split()
+        sets = [n for _, n in nft_render.counter_objects()]
+        try:
+            if self.netlink:
+                return _snapshot_counters(nft_netlink.snapshot(family, name, sets, DEFAULT_TIMEOUT))
+        except (nft_netlink.Unexpected, OSError):
+            pass  # nft's JSON listing reads what the netlink decoder does not know
         result: dict[str, tuple[int, int]] = {}
         for kind, name in nft_render.counter_objects():
             out = self._nft(["-j", "list", kind, *self.table.split(), name], missing_ok=True)
@@ -101,14 +179,23 @@ class NftBackend:
         return result
 
     def _nft(self, args: list[str], stdin: str = "", missing_ok: bool = False) -> str | None:
-        proc = run(
-            [self.nft, *args],
-            stdin=stdin,
-            hint="install the nftables package (apt-get install nftables)",
-        )
-        if proc.returncode == 0:
-            return proc.stdout
-        err = proc.stderr.strip()
+        """`nft ARGS` (`-j`: JSON output; `-f -`: the batch on stdin), in-process if we can."""
+        if self.lib is not None and shutil.which(self.nft) is not None:
+            # Only where the nftables package is installed (as `doctor` checks): the
+            # library is the same nft, without a process per batch.
+            json_output = args[:1] == ["-j"]
+            rest = args[1:] if json_output else args
+            outcome = self.lib.run(stdin if rest == ["-f", "-"] else " ".join(rest), json_output)
+            ok, out, err = outcome.ok, outcome.output, outcome.error.strip()
+        else:
+            proc = run(
+                [self.nft, *args],
+                stdin=stdin,
+                hint="install the nftables package (apt-get install nftables)",
+            )
+            ok, out, err = proc.returncode == 0, proc.stdout, proc.stderr.strip()
+        if ok:
+            return out
         if missing_ok and "No such file or directory" in err:
             return None
         if "Operation not permitted" in err:
@@ -122,7 +209,18 @@ class NftBackend:
         )
 
 
-SKELETON_CHAINS = {"dispatch", "prerouting", "output", "postrouting"}
+SKELETON_CHAINS = nft_render.SKELETON_CHAINS
+
+
+def _snapshot_counters(snap: nft_netlink.Snapshot) -> dict[str, tuple[int, int]]:
+    """route_id -> (packets, bytes) from the `count_` sets and `range_` maps read."""
+    return {
+        f"{name}:{key}": element.counter
+        for name, found in snap.elements.items()
+        if name.startswith(("count_", "range_"))
+        for key, element in found.items()
+        if element.counter is not None
+    }
 
 
 def parse_counters(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:

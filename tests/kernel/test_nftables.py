@@ -1,11 +1,18 @@
-"""The nftables backend against the real kernel: atomicity, idempotence, ownership, DNAT."""
+"""The nftables backend against the real kernel: atomicity, idempotence, ownership, DNAT.
+
+Every test runs twice: through libnftables in-process with netlink reads (the default),
+and through the nft binary with JSON reads (NATPORTS_NFT=binary, or no library).
+"""
 
 from __future__ import annotations
 
+import json
 from ipaddress import ip_address
+from typing import Any
 
 import pytest
 
+from natports.backends import nft_render
 from natports.backends.nftables import NftBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
@@ -27,9 +34,11 @@ def route(app: str, port: int, *backends: tuple[str, int], family: int = 4) -> R
     )
 
 
-@pytest.fixture
-def nft() -> NftBackend:
-    return NftBackend(TABLE)
+@pytest.fixture(params=[True, False], ids=["libnftables", "nft-binary"])
+def nft(request: pytest.FixtureRequest) -> NftBackend:
+    backend = NftBackend(TABLE, direct=request.param)
+    assert (backend.lib is not None) == request.param  # Debian's libnftables1 is installed
+    return backend
 
 
 def listing() -> str:
@@ -181,6 +190,25 @@ def test_intact_is_cheap_and_false_without_a_table(nft: NftBackend) -> None:
     assert not nft.intact()
 
 
+def test_a_switch_refills_the_skeleton_only_when_it_is_not_in_place() -> None:
+    nft = NftBackend(TABLE)
+    mail = [route("mail", 21025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_app([], mail))
+    full = listing()
+    moved = [route("mail", 21025, ("172.30.0.3", 5025))]
+    batch = nft.plan_app(mail, moved)
+    assert "add rule" not in batch and "flush chain" not in batch
+    nft.run(batch)
+    nft.run(nft.plan_app(moved, mail))
+    assert listing() == full
+    sh("nft", "flush", "chain", *TABLE.split(), "dispatch")  # drift the chains survive
+    assert not nft.intact()  # so the agent repairs it
+    batch = nft.plan_app(mail, mail)
+    assert "flush chain" in batch
+    nft.run(batch)
+    assert listing() == full and nft.intact()
+
+
 def test_flush_all_removes_only_our_table(nft: NftBackend) -> None:
     probe = ("inet", f"{NFT_TABLE}_probe")  # a table this test owns, standing in for others
     sh("nft", "add", "table", *probe)
@@ -226,3 +254,148 @@ def test_a_shifted_range_reaches_each_port_and_counts_in_one_element(
     same = range_route("ftp", 27300, 27300, 3, client_net.host_ip)  # the port stays
     nft.run(nft.plan_app([rng], [same]))
     assert client_net.connect_once(27301) == {"tag": "p27301"}
+
+
+def every_kind() -> list[Route]:
+    """One route of each shape the renderer makes: a map, a chain, a range, per address."""
+    return [
+        route("mail", 21025, ("172.30.0.2", 5025)),
+        route("chat", 21026, ("172.30.0.5", 6000), ("172.30.0.6", 6000)),
+        range_route("ftp", 21300, 27300, 3, "172.30.0.9"),
+        Route(
+            "web",
+            "web",
+            RouteKey(4, Protocol.UDP, 21027, ip_address("127.0.0.2")),
+            53,
+            (Backend("c-w", ip_address("172.30.0.3"), 53),),
+            ("172.30.0.0/24",),
+        ),
+        route("mail", 21025, ("fd00:30::2", 5025), family=6),
+        Route(
+            "web",
+            "web",
+            RouteKey(6, Protocol.TCP, 21028, ip_address("fd00:31::1")),
+            80,
+            (Backend("c-w6", ip_address("fd00:30::3"), 80),),
+        ),
+        Route("idle", "web", RouteKey(4, Protocol.TCP, 21029), 80),  # counted, no backend
+    ]
+
+
+def put_counter(set_name: str, key: str, packets: int, size: int, value: str = "") -> None:
+    """Give an element a counter value (the kernel only takes one when it is added)."""
+    value = f" : {value}" if value else ""
+    sh("nft", "delete", "element", *TABLE.split(), set_name, f"{{ {key} }}")
+    sh(
+        "nft",
+        "add",
+        "element",
+        *TABLE.split(),
+        set_name,
+        f"{{ {key} counter packets {packets} bytes {size}{value} }}",
+    )
+
+
+def canonical() -> list[Any]:
+    """The table without handles or counters, set elements in order: comparable."""
+    doc = json.loads(sh("nft", "-j", "-s", "list", "table", *TABLE.split()).stdout)
+    items = []
+    for item in doc["nftables"]:
+        for body in item.values():
+            if isinstance(body, dict):
+                body.pop("handle", None)
+                if "elem" in body:
+                    body["elem"] = sorted(body["elem"], key=json.dumps)
+        items.append(item)
+    return sorted(items, key=json.dumps)
+
+
+def test_the_netlink_read_agrees_with_nfts_json() -> None:
+    routes = every_kind()
+    direct, binary = NftBackend(TABLE), NftBackend(TABLE, direct=False)
+    direct.run(direct.plan_app([], routes))
+    put_counter("count_any4", "tcp . 21025", 3, 180)
+    put_counter("count_addr6", "fd00:31::1 . tcp . 21028", 2**40, 2**50)
+    counters = direct.counters()
+    assert counters == binary.counters()
+    assert counters[direct.route_id(routes[0])] == (3, 180)
+    assert counters[direct.route_id(routes[5])] == (2**40, 2**50)
+    assert direct.route_id(routes[2]) in counters  # the range map's own counter
+    live = direct.live()
+    assert live is not None and live.elements is not None
+    assert live.elements == nft_render.wanted(routes)[0]
+    assert live.chains == nft_render.SKELETON_CHAINS | {
+        nft_render.chain_name(r.app, r.key) for r in routes[1:3]
+    }
+
+
+def test_a_full_apply_changes_only_what_differs(nft: NftBackend) -> None:
+    routes = every_kind()
+    nft.run(nft.plan_app([], routes))
+    put_counter("count_any4", "tcp . 21025", 3, 180)
+    ftp = nft_render.chain_name("ftp", routes[2].key)
+    put_counter("range_any4", "tcp . 21300-21302", 5, 500, f"goto {ftp}")
+    moved = route("mail", 21025, ("172.30.0.4", 5025))  # same key, new backend
+    added = route("new", 21031, ("172.30.0.7", 5025), ("172.30.0.8", 5025))
+    desired = [moved, routes[2], *routes[3:], added]  # chat (21026) goes
+    batch = nft.plan_reconcile(desired)
+    if nft.netlink:
+        assert "delete table" not in batch
+        assert "21027" not in batch  # an element that stays is not touched
+    nft.run(batch)
+    text = listing()
+    assert "21026" not in text and nft_render.chain_name("chat", routes[1].key) not in text
+    assert nft.counters()[nft.route_id(moved)] == (3, 180)
+    assert nft.counters()[nft.route_id(routes[2])] == (5, 500)
+    after = canonical()
+    sh("nft", "delete", "table", *TABLE.split())
+    nft.run(nft_render.render_rebuild(None, desired, TABLE))
+    assert canonical() == after  # the same table a rebuild makes
+
+
+def test_a_full_apply_repairs_drift_inside_the_sets(nft: NftBackend) -> None:
+    routes = every_kind()
+    nft.run(nft.plan_app([], routes))
+    sh("nft", "delete", "element", *TABLE.split(), "dnat_any4", "{ tcp . 21025 }")
+    sh("nft", "add", "element", *TABLE.split(), "dnat_any4", "{ tcp . 21999 : 10.0.0.1 . 1 }")
+    sh("nft", "add", "element", *TABLE.split(), "count_any4", "{ tcp . 21999 }")
+    sh("nft", "add", "chain", *TABLE.split(), "r_stray")
+    sh("nft", "flush", "chain", *TABLE.split(), "dispatch")
+    nft.run(nft.plan_reconcile(routes))
+    after = canonical()
+    sh("nft", "delete", "table", *TABLE.split())
+    nft.run(nft_render.render_rebuild(None, routes, TABLE))
+    assert canonical() == after
+
+
+def test_a_full_apply_rebuilds_a_table_holding_what_natports_does_not_make(
+    nft: NftBackend,
+) -> None:
+    routes = every_kind()[:2]
+    nft.run(nft.plan_app([], routes))
+    put_counter("count_any4", "tcp . 21025", 3, 180)
+    sh("nft", "add", "counter", *TABLE.split(), "foreign")
+    sh("nft", "add", "chain", *TABLE.split(), "foreign_chain")
+    batch = nft.plan_reconcile(routes)
+    assert "delete table" in batch
+    nft.run(batch)
+    text = listing()
+    assert "foreign" not in text
+    assert nft.counters()[nft.route_id(routes[0])] == (3, 180)
+
+
+def test_a_full_apply_falls_back_to_a_rebuild_when_the_kernel_refuses(nft: NftBackend) -> None:
+    routes = every_kind()[:1]
+    nft.run(nft.plan_app([], routes))
+    # Someone redefined a set under its own name: same elements, no counters.
+    sh(
+        "nft",
+        "-f",
+        "-",
+        input=f"flush chain {TABLE} dispatch\ndelete set {TABLE} count_any4\n"
+        f"add set {TABLE} count_any4 {{ type inet_proto . inet_service ; }}\n"
+        f"add element {TABLE} count_any4 {{ tcp . 21025 }}\n",
+    )
+    nft.run(nft.plan_reconcile(routes))
+    assert "counter" in elements("count_any4")
+    assert nft.counters()[nft.route_id(routes[0])] == (0, 0)

@@ -481,7 +481,8 @@ class FakeTool:
 def only_fake_tools(tmp: Path, monkeypatch: Any) -> Path:
     """PATH holds the fakes a test makes (returned dir) and the few tools they run.
 
-    Nothing else: a real nft, iptables or conntrack on this host is never found.
+    Nothing else: a real nft, iptables or conntrack on this host is never found, and
+    the nft backend neither loads libnftables nor reads netlink (NATPORTS_NFT=binary).
     """
     import shutil
 
@@ -493,4 +494,5 @@ def only_fake_tools(tmp: Path, monkeypatch: Any) -> Path:
         assert found, tool
         (helpers / tool).symlink_to(found)
     monkeypatch.setenv("PATH", f"{bin_dir}:{helpers}")
+    monkeypatch.setenv("NATPORTS_NFT", "binary")
     return bin_dir

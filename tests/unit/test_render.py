@@ -11,12 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from natports.backends.nft_render import (
+    SKELETON_CHAINS,
     LiveTable,
     chain_name,
+    element_sets,
     render_app,
     render_flush_all,
     render_reconcile,
     route_id,
+    skeleton_rules,
 )
 from natports.model import Protocol, Route, RouteKey
 from tests.unit.routes import route
@@ -244,6 +247,18 @@ delete element inet natports dnat_any4 { tcp . 26 }
     )
 
 
+def test_a_switch_leaves_a_skeleton_in_place_alone() -> None:
+    """Refilling re-binds the maps (the kernel checks each element): only when needed."""
+    declared = "".join(
+        f"{line}\n"
+        for line in SKELETON.splitlines()
+        if not line.startswith(("flush chain", "add rule"))
+    )
+    assert render_app([], [mail_25()], refill=False) == declared + MAIL_25
+    assert skeleton_rules() == {"dispatch": 20, "prerouting": 1, "output": 2, "postrouting": 1}
+    assert sum(skeleton_rules().values()) == SKELETON.count("add rule")
+
+
 def test_a_route_with_no_backend_is_counted_but_never_dnated() -> None:
     r = route("mail", RouteKey(4, TCP, 25), 5025, subnets=())
     assert render_app([], [r]) == SKELETON + "add element inet natports count_any4 { tcp . 25 }\n"
@@ -280,6 +295,59 @@ add element inet natports count_any4 {{ tcp . 25 counter packets 7 bytes 420, tc
 add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
 add element inet natports goto_any4 {{ tcp . 26 : goto {name} }}
 add element inet natports range_any4 {{ udp . 30000-30099 counter packets 3 bytes 99 : goto {rname} }}
+"""
+    )
+
+
+def test_reconcile_with_an_exact_read_changes_only_what_differs() -> None:
+    """Elements that stay are not named (their counters keep counting); what differs goes."""
+    two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6", subnets=())
+    rng = route("rtp", RouteKey(4, UDP, 30000, None, 100), 30000, "172.17.0.7", subnets=())
+    name, rname = chain_name("chat", two.key), chain_name("rtp", rng.key)
+    held: dict[str, dict[str, str | None]] = {n: {} for n in element_sets()}
+    held["count_any4"] = {"tcp . 25": None, "tcp . 27": None}
+    held["dnat_any4"] = {"tcp . 25": "172.17.0.9 . 5025", "tcp . 27": "172.17.0.3 . 80"}
+    held["range_any4"] = {"udp . 30000-30099": "goto r_old_aaaaaaaaaaaa"}
+    live = LiveTable(
+        {"count_any4:tcp . 25": (7, 420), "range_any4:udp . 30000-30099": (3, 99)},
+        held,
+        SKELETON_CHAINS | {"r_old_aaaaaaaaaaaa", name},
+    )
+    assert render_reconcile(live, [two, rng, mail_25()]) == (
+        SKELETON
+        + f"""flush set inet natports hairpin4
+flush set inet natports hairpin6
+add element inet natports hairpin4 {{ 172.17.0.0/16 }}
+delete element inet natports dnat_any4 {{ tcp . 25, tcp . 27 }}
+delete element inet natports range_any4 {{ udp . 30000-30099 }}
+delete element inet natports count_any4 {{ tcp . 27 }}
+flush chain inet natports r_old_aaaaaaaaaaaa
+delete chain inet natports r_old_aaaaaaaaaaaa
+add chain inet natports {name}
+flush chain inet natports {name}
+add rule inet natports {name} meta l4proto tcp dnat ip to numgen random mod 2 map {{ 0 : 172.17.0.5, 1 : 172.17.0.6 }} : 6000
+add chain inet natports {rname}
+flush chain inet natports {rname}
+add rule inet natports {rname} ip saddr @hairpin4 meta mark set meta mark | 0x00100000
+add rule inet natports {rname} meta l4proto udp ct mark set ct mark | 0x00100000 dnat ip to 172.17.0.7
+add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
+add element inet natports goto_any4 {{ tcp . 26 : goto {name} }}
+add element inet natports range_any4 {{ udp . 30000-30099 counter packets 3 bytes 99 : goto {rname} }}
+add element inet natports count_any4 {{ tcp . 26 }}
+"""
+    )
+
+
+def test_reconcile_of_what_the_kernel_holds_is_only_the_skeleton() -> None:
+    held: dict[str, dict[str, str | None]] = {n: {} for n in element_sets()}
+    held["count_any4"] = {"tcp . 25": None}
+    held["dnat_any4"] = {"tcp . 25": "172.17.0.2 . 5025"}
+    live = LiveTable({"count_any4:tcp . 25": (7, 420)}, held, SKELETON_CHAINS)
+    assert render_reconcile(live, [mail_25()]) == (
+        SKELETON
+        + """flush set inet natports hairpin4
+flush set inet natports hairpin6
+add element inet natports hairpin4 { 172.17.0.0/16 }
 """
     )
 
