@@ -402,11 +402,16 @@ def _render_changes(live: LiveTable, desired: Sequence[Route], table: str) -> st
     for name in element_sets():
         held, target = live.elements.get(name, {}), want[name]
         gone = [key for key, value in held.items() if target.get(key, "") != value]
-        if gone:
+        refill = len(gone) > 64 and len(gone) * 2 > len(held)  # mostly replaced
+        if refill:
+            # One flush and the whole list parse far faster than naming each key
+            # to delete; the counters of the elements that stay are carried over.
+            lines.append(f"flush {'set' if name.startswith('count_') else 'map'} {table} {name}")
+        elif gone:
             lines.append(f"delete element {table} {name} {{ {', '.join(gone)} }}")
         new = []
         for key, value in target.items():
-            if key in held and held[key] == value:
+            if not refill and key in held and held[key] == value:
                 continue
             item = key if value is None else f"{key} : {value}"
             new.append(_with_counter(item, live.counters.get(f"{name}:{key}")))

@@ -353,6 +353,24 @@ def test_a_full_apply_changes_only_what_differs(nft: NftBackend) -> None:
     assert canonical() == after  # the same table a rebuild makes
 
 
+def test_a_full_apply_where_every_route_moved_refills_the_map(nft: NftBackend) -> None:
+    """A dockerd restart moves every address: the map is flushed and refilled in the
+    same transaction (faster than 100 keys to delete); the totals stay."""
+    before = [route(f"a{port}", port, ("172.30.1.2", 5025)) for port in range(21400, 21500)]
+    nft.run(nft.plan_reconcile(before))
+    put_counter("count_any4", "tcp . 21400", 4, 240)
+    after = [route(f"a{port}", port, ("172.30.1.3", 5025)) for port in range(21400, 21500)]
+    batch = nft.plan_reconcile(after)
+    if nft.netlink:
+        assert f"flush map {TABLE} dnat_any4" in batch and "delete table" not in batch
+    nft.run(batch)
+    assert nft.counters()[nft.route_id(after[0])] == (4, 240)
+    moved = canonical()
+    sh("nft", "delete", "table", *TABLE.split())
+    nft.run(nft_render.render_rebuild(None, after, TABLE))
+    assert canonical() == moved  # the same table a rebuild makes
+
+
 def test_a_full_apply_repairs_drift_inside_the_sets(nft: NftBackend) -> None:
     routes = every_kind()
     nft.run(nft.plan_app([], routes))

@@ -423,3 +423,31 @@ def test_chain_names_are_unique_and_valid(
         assert a != b
     # nft's identifier rule: a letter, then letters, digits, / \\ _ . - only
     assert a[0] == "r" and all(c.isalnum() or c in "_.-" for c in a)
+
+
+def test_reconcile_of_a_mostly_replaced_map_flushes_it_and_adds_the_whole_list() -> None:
+    """Every route moved (a dockerd restart): one flush and one list, not 70 keys to delete;
+    the elements that stay are added again with the counters the kernel held."""
+    routes = [
+        route(f"a{port}", RouteKey(4, TCP, port), 5025, "172.17.0.3", subnets=())
+        for port in range(2000, 2070)
+    ]
+    held: dict[str, dict[str, str | None]] = {n: {} for n in element_sets()}
+    held["count_any4"] = {f"tcp . {r.key.public_port}": None for r in routes}
+    held["dnat_any4"] = {f"tcp . {r.key.public_port}": "172.17.0.2 . 5025" for r in routes}
+    held["dnat_any4"]["tcp . 2000"] = "172.17.0.3 . 5025"  # this one stays
+    held["range_any4"] = {"udp . 30000-30099": "goto r_old_aaaaaaaaaaaa"}
+    live = LiveTable({"dnat_any4:tcp . 2000": (7, 420)}, held, SKELETON_CHAINS)
+    batch = render_reconcile(live, routes).splitlines()
+    assert "flush map inet natports dnat_any4" in batch
+    assert not any(line.startswith("delete element inet natports dnat_any4") for line in batch)
+    added = [line for line in batch if line.startswith("add element inet natports dnat_any4")]
+    assert added == [
+        "add element inet natports dnat_any4 { "
+        + "tcp . 2000 counter packets 7 bytes 420 : 172.17.0.3 . 5025, "
+        + ", ".join(f"tcp . {port} : 172.17.0.3 . 5025" for port in range(2001, 2070))
+        + " }"
+    ]
+    # a small change stays a delete of its keys; the count set is untouched
+    assert "delete element inet natports range_any4 { udp . 30000-30099 }" in batch
+    assert not any("element inet natports count_any4" in line for line in batch)
