@@ -161,7 +161,8 @@ class ProxyBackend:
         """Per route id, what the daemon counts now (empty when no daemon runs).
 
         {"open_connections": int, "udp_flows": int, "refused": {cause: int},
-         "connections": int, "bytes": int, "backend_failures": int, "idle_closed": int}
+         "connections": int, "bytes": int, "backend_failures": int, "idle_closed": int,
+         "evicted": int}
         Refusal causes: max_tcp, route_max_tcp, source_max_tcp, max_udp_flows,
         route_max_udp_flows, source_max_udp_flows, no_fds, no_backend.
         """
@@ -187,6 +188,7 @@ def route_metrics(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "bytes": int(row.get("bytes", 0)),
             "backend_failures": int(row.get("backend_failures", 0)),
             "idle_closed": int(row.get("idle_closed", 0)),
+            "evicted": int(row.get("evicted", 0)),
         }
     return result
 

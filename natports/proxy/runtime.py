@@ -45,6 +45,7 @@ class RouteStats:
         "backend_failures",
         "bytes",
         "connections",
+        "evicted",
         "flows",
         "idle_closed",
         "refused",
@@ -58,6 +59,7 @@ class RouteStats:
         self.refused: Counter[str] = Counter()
         self.backend_failures = 0
         self.idle_closed = 0
+        self.evicted = 0  # unanswered UDP flows closed to admit a new one at a cap
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -68,6 +70,7 @@ class RouteStats:
             "refused": dict(sorted(self.refused.items())),
             "backend_failures": self.backend_failures,
             "idle_closed": self.idle_closed,
+            "evicted": self.evicted,
         }
 
     def saved(self) -> dict[str, object]:
@@ -78,6 +81,7 @@ class RouteStats:
             "refused": dict(self.refused),
             "backend_failures": self.backend_failures,
             "idle_closed": self.idle_closed,
+            "evicted": self.evicted,
         }
 
     @classmethod
@@ -88,6 +92,7 @@ class RouteStats:
         stats.refused.update({str(k): int(v) for k, v in refused.items()})
         stats.backend_failures = int(str(data.get("backend_failures", 0)))
         stats.idle_closed = int(str(data.get("idle_closed", 0)))
+        stats.evicted = int(str(data.get("evicted", 0)))
         return stats
 
 
@@ -141,16 +146,18 @@ class Runtime:
         self.recount("tcp", rid, source)
         return None
 
-    def admit_udp(self, rid: str, limits: RouteLimits, source: str) -> str | None:
-        stats = self.stats_for(rid)
+    def udp_cap(self, rid: str, limits: RouteLimits, source: str) -> str | None:
+        """The cap a new UDP flow from `source` would exceed, if any (counts nothing)."""
         if self.udp_open >= self.limits.max_udp_flows:
-            cause: str | None = MAX_UDP
-        elif stats.flows >= limits.route_max_udp_flows:
-            cause = ROUTE_MAX_UDP
-        elif self.per_source["udp", rid, source] >= limits.source_max_udp_flows:
-            cause = SOURCE_MAX_UDP
-        else:
-            cause = None
+            return MAX_UDP
+        if self.stats_for(rid).flows >= limits.route_max_udp_flows:
+            return ROUTE_MAX_UDP
+        if self.per_source["udp", rid, source] >= limits.source_max_udp_flows:
+            return SOURCE_MAX_UDP
+        return None
+
+    def admit_udp(self, rid: str, limits: RouteLimits, source: str) -> str | None:
+        cause = self.udp_cap(rid, limits, source)
         if cause is not None:
             self.refuse(rid, cause)
             return cause

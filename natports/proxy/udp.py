@@ -18,10 +18,12 @@ from .handover import FlowState
 from .inherit import adopt_socket
 from .listeners import ACCEPTS, Listener
 from .loop import IN, log
-from .runtime import NO_BACKEND, NO_FDS, NO_FDS_CAUSE, Runtime
+from .runtime import NO_BACKEND, NO_FDS, NO_FDS_CAUSE, SOURCE_MAX_UDP, Runtime
 from .tcp import backend_text, family_of
 
 STALE_SILENCE = 3.0  # seconds a replaced UDP backend may leave a client unanswered
+EVICT_SILENCE = 2.0  # seconds unanswered after which a flow gives way to a new one at a cap
+EVICT_LOOK = 64  # flows looked at per eviction: a datagram at a cap costs O(1)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Python < 3.12 lacks these Linux constants
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
 IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
@@ -67,6 +69,7 @@ class UdpFlow:
         self.last = self.rt.loop.now
         if self.unanswered is None:
             self.unanswered = self.last
+            self.listener.silent[self] = None
         self.stats.bytes += len(data)
         return True
 
@@ -82,7 +85,9 @@ class UdpFlow:
                 self.close()
                 return
             self.last = self.rt.loop.now
-            self.unanswered = None
+            if self.unanswered is not None:
+                self.unanswered = None
+                del self.listener.silent[self]
             self.stats.bytes += len(data)
             self.listener.reply(data, self)
 
@@ -90,6 +95,7 @@ class UdpFlow:
         if self.closed:
             return
         self.closed = True
+        self.listener.silent.pop(self, None)
         self.rt.loop.remove(self.fd)
         self.sock.close()
         if self.listener.flows.get(self.client) is self:
@@ -114,6 +120,7 @@ class UdpListener(Listener):
     def __init__(self, rt: Runtime, sock: socket.socket, route: Route, origin: str) -> None:
         super().__init__(rt, sock, route, origin)
         self.flows: dict[Any, UdpFlow] = {}
+        self.silent: dict[UdpFlow, None] = {}  # flows awaiting an answer, oldest first
         self.pktinfo = self._enable_pktinfo()
 
     def start(self) -> None:
@@ -175,7 +182,11 @@ class UdpListener(Listener):
             self.rt.refuse(self.rid, NO_BACKEND)
             self.rt.warn(f"empty {self.rid}", f"{self.describe()}: no backend, dropping")
             return None
-        if self.rt.admit_udp(self.rid, self.limits, str(client[0])) is not None:
+        source = str(client[0])
+        cause = self.rt.udp_cap(self.rid, self.limits, source)
+        if cause is not None:
+            self._evict_unanswered(source if cause == SOURCE_MAX_UDP else None)
+        if self.rt.admit_udp(self.rid, self.limits, source) is not None:
             return None  # counted; the datagram is dropped, existing flows go on
         for backend in candidates:
             try:
@@ -209,6 +220,24 @@ class UdpListener(Listener):
             return flow
         self.rt.release("udp", self.rid, str(client[0]))
         return None
+
+    def _evict_unanswered(self, source: str | None) -> None:
+        """At a cap, close this route's flow left unanswered longest (EVICT_SILENCE or more).
+
+        A spray from spoofed or throwaway source ports is never answered; a flow the
+        backend answers is never evicted. So a cap filled by a spray gives way to new
+        clients instead of locking them out until the spray's flows idle out. `source`:
+        at the per-source cap only that source's own flows can give way. `silent` is in
+        the order flows went unanswered, so this looks at a few flows, not all of them.
+        """
+        since = self.rt.loop.now - EVICT_SILENCE
+        for looked, flow in enumerate(self.silent):
+            if looked >= EVICT_LOOK or flow.unanswered is None or flow.unanswered > since:
+                return
+            if source is None or str(flow.client[0]) == source:
+                flow.stats.evicted += 1
+                flow.close()
+                return
 
     def reply(self, data: bytes, flow: UdpFlow) -> None:
         try:
@@ -261,4 +290,5 @@ class UdpListener(Listener):
         flow.last = self.rt.loop.now - s.idle
         if s.unanswered is not None:
             flow.unanswered = self.rt.loop.now - s.unanswered
+            self.silent[flow] = None
         self.flows[s.client] = flow

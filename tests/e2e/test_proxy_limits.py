@@ -20,6 +20,7 @@ from ipaddress import ip_address
 
 from natports.model import Backend, Protocol, Route, RouteKey
 from natports.proxy.config import route_id
+from natports.proxy.udp import EVICT_SILENCE
 from tests.e2e.proxy_daemon import ProxyDaemon, start_proxy
 from tests.infra import ClientNet, TagServer, wait_for
 
@@ -131,7 +132,8 @@ def tag_server(tag: str) -> Iterator[TagServer]:
 
 
 @contextlib.contextmanager
-def udp_echo(tag: str) -> Iterator[socket.socket]:
+def udp_echo(tag: str, ignore: bytes | None = None) -> Iterator[socket.socket]:
+    """Answers `<tag> <datagram>`; never answers a datagram equal to `ignore`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     stop = threading.Event()
@@ -145,7 +147,8 @@ def udp_echo(tag: str) -> Iterator[socket.socket]:
                 continue
             except OSError:
                 return
-            sock.sendto(f"{tag} ".encode() + data, peer)
+            if data != ignore:
+                sock.sendto(f"{tag} ".encode() + data, peer)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -244,6 +247,44 @@ def test_udp_spray_is_capped_host_keeps_ports_other_route_answers(
         assert answer == {"answer": "dns2 still"}
         assert proxy.route_status(route_id(other))["udp_flows"] == 1
     assert proxy.status()["udp_flows"] == cap + 1
+
+
+def test_a_udp_cap_filled_by_an_unanswered_spray_gives_way_to_new_clients(
+    start_proxy: Callable[..., ProxyDaemon], client_net: ClientNet
+) -> None:
+    """A spray the backend never answers fills the route's cap; once its flows have gone
+    unanswered for EVICT_SILENCE, a new client takes the place of the oldest of them. A
+    flow the backend answers is never the one that gives way."""
+    cap = 20
+    proxy: ProxyDaemon = start_proxy(
+        settings=f"[proxy]\nroute_max_udp_flows = {cap}\nsource_max_udp_flows = 100000\n"
+    )
+    with udp_echo("game", ignore=b"spray") as echo:
+        game = local_route(client_net, "game", PORT + 7, echo.getsockname()[1], UDP)
+        proxy.apply([game])
+        rid = route_id(game)
+        answered = client_net.udp_hold(PORT + 7)
+        try:
+            assert answered.ask("hello") == "game hello"
+            subprocess.run(
+                in_netns(client_net, UDP_SPRAY, client_net.host_ip, PORT + 7, 100, 22000),
+                check=True,
+                timeout=60,
+            )
+            assert wait_for(lambda: proxy.route_status(rid)["udp_flows"] == cap)
+            late = client_net.udp_hold(PORT + 7)
+            try:
+                assert late.ask("early") is None  # the spray is younger than EVICT_SILENCE
+                time.sleep(EVICT_SILENCE)
+                assert late.ask("now") == "game now"  # the oldest unanswered flow gave way
+            finally:
+                late.close()
+            assert answered.ask("still") == "game still"
+            row = proxy.route_status(rid)
+            assert row["udp_flows"] == cap and row["evicted"] == 1, row
+            assert row["refused"]["route_max_udp_flows"] >= 100 - cap, row
+        finally:
+            answered.close()
 
 
 def test_per_source_caps(start_proxy: Callable[..., ProxyDaemon], client_net: ClientNet) -> None:

@@ -74,6 +74,7 @@ def test_route_stats_survive_a_restart_but_live_counts_are_recounted() -> None:
     stats = RouteStats(5, 1000)
     stats.refused["route_max_tcp"] += 2
     stats.active, stats.flows, stats.backend_failures, stats.idle_closed = 3, 4, 1, 6
+    stats.evicted = 2
     again = RouteStats.restored(json.loads(json.dumps(stats.saved())))
     assert again.to_json() == {**stats.to_json(), "active": 0, "udp_flows": 0}
 
@@ -129,6 +130,7 @@ def test_route_metrics_shape() -> None:
     stats = RouteStats(7, 700)
     stats.active, stats.flows = 2, 0
     stats.refused["no_backend"] += 1
+    stats.evicted = 3
     doc = {"routes": [{"id": "mail/tcp/*/25", "app": "mail", **stats.to_json()}, "junk"]}
     assert route_metrics(doc) == {
         "mail/tcp/*/25": {
@@ -139,6 +141,7 @@ def test_route_metrics_shape() -> None:
             "bytes": 700,
             "backend_failures": 0,
             "idle_closed": 0,
+            "evicted": 3,
         }
     }
     assert route_metrics({}) == {}
