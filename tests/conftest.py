@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,28 @@ from tests.infra import (
     delete_natports_table,
     ipv6_forwarding,
     remove_dual_network,
+    sh,
 )
+
+
+def _ip6_nat_rules() -> int | None:
+    """Rules in nft's `table ip6 nat`, or None when there is no such table (or no nft)."""
+    if shutil.which("nft") is None:
+        return None
+    found = sh("nft", "-j", "list", "table", "ip6", "nat", check=False)
+    if found.returncode != 0:
+        return None
+    return sum("rule" in item for item in json.loads(found.stdout)["nftables"])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_new_ip6_nat_table() -> Iterator[None]:
+    """ip6tables-nft makes `table ip6 nat` on first use (the iptables backend's IPv6
+    side): a host that had none before the tests has none after, if it is still empty."""
+    had = _ip6_nat_rules() is not None
+    yield
+    if not had and _ip6_nat_rules() == 0:
+        sh("nft", "delete", "table", "ip6", "nat", check=False)
 
 
 @pytest.fixture
