@@ -310,6 +310,14 @@ def canonical() -> list[Any]:
     return sorted(items, key=json.dumps)
 
 
+def assert_as_rebuilt(nft: NftBackend, routes: list[Route]) -> None:
+    """The table now is the one a rebuild of `routes` makes (the rebuild replaces it)."""
+    now = canonical()
+    sh("nft", "delete", "table", *TABLE.split())
+    nft.run(nft_render.render_rebuild(None, routes, TABLE))
+    assert canonical() == now
+
+
 def test_the_netlink_read_agrees_with_nfts_json() -> None:
     routes = every_kind()
     direct, binary = NftBackend(TABLE), NftBackend(TABLE, direct=False)
@@ -347,10 +355,7 @@ def test_a_full_apply_changes_only_what_differs(nft: NftBackend) -> None:
     assert "21026" not in text and nft_render.chain_name("chat", routes[1].key) not in text
     assert nft.counters()[nft.route_id(moved)] == (3, 180)
     assert nft.counters()[nft.route_id(routes[2])] == (5, 500)
-    after = canonical()
-    sh("nft", "delete", "table", *TABLE.split())
-    nft.run(nft_render.render_rebuild(None, desired, TABLE))
-    assert canonical() == after  # the same table a rebuild makes
+    assert_as_rebuilt(nft, desired)
 
 
 def test_a_full_apply_where_every_route_moved_refills_the_map(nft: NftBackend) -> None:
@@ -365,10 +370,7 @@ def test_a_full_apply_where_every_route_moved_refills_the_map(nft: NftBackend) -
         assert f"flush map {TABLE} dnat_any4" in batch and "delete table" not in batch
     nft.run(batch)
     assert nft.counters()[nft.route_id(after[0])] == (4, 240)
-    moved = canonical()
-    sh("nft", "delete", "table", *TABLE.split())
-    nft.run(nft_render.render_rebuild(None, after, TABLE))
-    assert canonical() == moved  # the same table a rebuild makes
+    assert_as_rebuilt(nft, after)
 
 
 def test_a_full_apply_repairs_drift_inside_the_sets(nft: NftBackend) -> None:
@@ -380,10 +382,7 @@ def test_a_full_apply_repairs_drift_inside_the_sets(nft: NftBackend) -> None:
     sh("nft", "add", "chain", *TABLE.split(), "r_stray")
     sh("nft", "flush", "chain", *TABLE.split(), "dispatch")
     nft.run(nft.plan_reconcile(routes))
-    after = canonical()
-    sh("nft", "delete", "table", *TABLE.split())
-    nft.run(nft_render.render_rebuild(None, routes, TABLE))
-    assert canonical() == after
+    assert_as_rebuilt(nft, routes)
 
 
 def test_a_full_apply_rebuilds_a_table_holding_what_natports_does_not_make(
