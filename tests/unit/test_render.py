@@ -291,10 +291,10 @@ add chain inet natports {rname}
 flush chain inet natports {rname}
 add rule inet natports {rname} ip saddr @hairpin4 meta mark set meta mark | 0x00100000
 add rule inet natports {rname} meta l4proto udp ct mark set ct mark | 0x00100000 dnat ip to 172.17.0.7
-add element inet natports count_any4 {{ tcp . 25 counter packets 7 bytes 420, tcp . 26 }}
 add element inet natports dnat_any4 {{ tcp . 25 : 172.17.0.2 . 5025 }}
 add element inet natports goto_any4 {{ tcp . 26 : goto {name} }}
 add element inet natports range_any4 {{ udp . 30000-30099 counter packets 3 bytes 99 : goto {rname} }}
+add element inet natports count_any4 {{ tcp . 25 counter packets 7 bytes 420, tcp . 26 }}
 """
     )
 
@@ -354,7 +354,13 @@ add element inet natports hairpin4 { 172.17.0.0/16 }
 
 def test_reconcile_without_a_table() -> None:
     assert render_reconcile(None, [mail_25()]) == (
-        "add table inet natports\ndelete table inet natports\n" + SKELETON + MAIL_25
+        "add table inet natports\ndelete table inet natports\n"
+        + SKELETON
+        + """\
+add element inet natports hairpin4 { 172.17.0.0/16 }
+add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
+add element inet natports count_any4 { tcp . 25 }
+"""
     )
 
 
