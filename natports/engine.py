@@ -178,7 +178,7 @@ def repair(ctx: Context) -> list[str]:
     repaired = []
     for name, routes in sorted(by_backend.items()):
         backend = ctx.backend_named(name)
-        if not backend.intact():
+        if not backend.intact(routes):
             backend.run(backend.plan_reconcile(routes))
             repaired.append(name)
     return repaired

@@ -33,9 +33,10 @@ class RouteBackend(Protocol):
         (natports' accept in DOCKER-USER)? False: containers need `-p 127.0.0.1::PORT`."""
         ...
 
-    def intact(self) -> bool:
-        """One cheap read: is this backend's skeleton still in place? False after a
-        `nft flush ruleset` or a firewall reload removed it (the agent then repairs)."""
+    def intact(self, routes: Sequence[Route] = ()) -> bool:
+        """One cheap read: is this backend's skeleton still in place for `routes` (what
+        it should hold)? False after a `nft flush ruleset` or a firewall reload removed
+        it (the agent then repairs)."""
         ...
 
     def run(self, batch: str) -> None:

@@ -125,32 +125,37 @@ class IptablesBackend:
             if fixes:
                 self._run("restore", [wait, "--noflush"], fixes, family=family)
 
-    def intact(self) -> bool:
+    def intact(self, routes: Sequence[Route] = ()) -> bool:
         """Cheap: each built-in chain still jumps to ours (`-C` reads one chain, not the table).
 
         A missing chain of ours makes its jump impossible, so three checks cover the
         skeleton; what removes natports' rules in practice removes the jumps too. The
-        IPv4 skeleton is there whenever this backend routes anything (IPv6 too); the
-        IPv6 jumps are checked where the IPv6 table holds our chains (`-C` tells a
-        missing jump from a missing chain). A firewall reload that removed every IPv6
-        chain of ours but left the IPv4 ones is not seen here: the agent's periodic
-        resync puts them back.
+        IPv4 skeleton is there whenever this backend routes anything (IPv6 too). In
+        IPv6, a jump missing from a chain of ours is a loss; so is a missing chain when
+        `routes` (what the backend should hold) has IPv6 routes: a firewall reload that
+        removed every IPv6 chain of ours. Without IPv6 routes, no IPv6 chain is fine
+        (`-C` tells a missing jump from a missing chain).
         """
-        return self._hooked(4) and (not self._v6_readable() or self._hooked(6))
+        needs6 = any(route.key.family == 6 for route in routes)
+        if not self._hooked(4):
+            return False
+        if not self._v6_readable():  # legacy with no IPv6 nat table: none of ours in it
+            return not needs6
+        return self._hooked(6, required=needs6)
 
-    def _hooked(self, family: int) -> bool:
+    def _hooked(self, family: int, required: bool = True) -> bool:
+        """Are our hooks in place? `required=False`: an absent chain of ours is fine too."""
         tool = f"{_ip(family)}-{self.variant}"
         for builtin, ours in self.layout.hooks():
             check = [tool, f"--wait={LOCK_WAIT_SECONDS}", "-t", "nat", "-C", builtin, "-j", ours]
             try:
                 proc = run(check, path=self.search_path)
             except ToolMissing:
-                return family == 6  # no ip6tables: nothing of ours can be in IPv6
+                return not required  # no ip6tables: nothing of ours can be in IPv6
             if proc.returncode == 0:
                 continue
-            # IPv6: only a jump missing from under a chain of ours that exists is a loss;
-            # no such chain (IPv6 not in use) or no IPv6 at all (disabled) is not.
-            return family == 6 and not _jump_missing(proc.stderr)
+            # No such chain (IPv6 not in use, or disabled) is a loss only where required.
+            return not required and not _jump_missing(proc.stderr)
         return True
 
     def _is_flush(self, batch: str) -> bool:

@@ -125,7 +125,7 @@ class NftBackend:
         }
         return LiveTable(counters, elements, snap.chains)
 
-    def intact(self) -> bool:
+    def intact(self, routes: Sequence[Route] = ()) -> bool:
         """One cheap read: the skeleton's chains exist (with netlink reads: and hold as
         many rules as the skeleton puts there, so a flushed chain is repaired too).
 

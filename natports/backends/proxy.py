@@ -61,7 +61,7 @@ class ProxyBackend:
         """The proxy's flows start on the host; it keeps asking for published ports."""
         return False
 
-    def intact(self) -> bool:
+    def intact(self, routes: Sequence[Route] = ()) -> bool:
         """The daemon's config file is natports' own; nothing else removes it. A dead
         daemon is systemd's to restart (and `doctor` reports it)."""
         return self.config_path.exists()

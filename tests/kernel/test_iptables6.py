@@ -26,7 +26,7 @@ from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from tests.infra import ClientNet, TagServer, UdpFlow, ipv6_forwarding, sh
 from tests.kernel.conftest import CLIENT6, HOST6, SUBNET6
-from tests.kernel.xtables import PREFIX, ours, save
+from tests.kernel.xtables import PREFIX, force_clean, ours, save
 
 
 def ours_counted6(variant: str) -> list[str]:
@@ -195,6 +195,24 @@ def test_v6_drift_is_seen_by_intact_and_reconciled_with_counters(
     kept = counted if ipt.variant == "legacy" else (0, 0)
     assert ipt.counters() == {ipt.route_id(six[0]): kept}
     assert net6.connect_once(25064, host=HOST6) == {"tag": "one"}
+
+
+def test_losing_every_v6_chain_is_a_loss_only_where_v6_routes_live(
+    ipt: IptablesBackend, net6: ClientNet, servers6: list[TagServer]
+) -> None:
+    """A firewall reload that removed all of natports' IPv6 chains, jumps included, and
+    left the IPv4 ones: `intact` must see it when IPv6 routes should be there."""
+    one, _ = servers6
+    six = [route6("six", 25066, one.port)]
+    ipt.run(ipt.plan_reconcile(six))
+    assert ipt.intact(six) and ours(ipt.variant, 6)
+    force_clean(ipt.variant, 6)
+    assert ours(ipt.variant, 6) == [] and ours(ipt.variant) != []
+    assert not ipt.intact(six)
+    assert ipt.intact([])  # an IPv4-only host keeps no IPv6 chain of ours
+    ipt.run(ipt.plan_reconcile(six))
+    assert ipt.intact(six)
+    assert net6.connect_once(25066, host=HOST6) == {"tag": "one"}
 
 
 def test_a_failing_v6_batch_leaves_the_v6_table_as_it_was(

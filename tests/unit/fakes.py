@@ -54,6 +54,7 @@ class FakeBackend:
         self.fail_on: set[int] = set()  # 1-based run numbers that fail
         self.fail_always = False
         self.present = True  # the skeleton (False: someone flushed the ruleset)
+        self.checked: tuple[Route, ...] = ()
         self.counts: dict[str, tuple[int, int]] = {}
         self.counters_fail = False
         self.on_run: Callable[[str], None] | None = None  # called as a batch starts
@@ -126,7 +127,8 @@ class FakeBackend:
     def forwards_unpublished(self) -> bool:
         return False
 
-    def intact(self) -> bool:
+    def intact(self, routes: Sequence[Route] = ()) -> bool:
+        self.checked = tuple(routes)  # what the skeleton was checked for
         return self.present
 
     def flush_ruleset(self) -> None:

@@ -46,6 +46,7 @@ def test_repair_reinstalls_the_applied_routes_only_when_gone(tmp_path: Path) -> 
     ctx.store.set_applied("mail", Applied("nftables", (mail,)))
     assert engine.repair(ctx) == []
     assert fake.batches == []
+    assert fake.checked == (mail,)  # checked for what it should hold (IPv6 chains or not)
     fake.flush_ruleset()
     assert engine.repair(ctx) == ["nftables"]
     assert fake.ports() == {25: ["172.17.0.2"]}

@@ -84,7 +84,7 @@ class Failing:
     def forwards_unpublished(self) -> bool:
         return False
 
-    def intact(self) -> bool:
+    def intact(self, routes: Sequence[Route] = ()) -> bool:
         return True
 
     def run(self, batch: str) -> None:
