@@ -2,6 +2,6 @@
 
 `natports.proxy.daemon.serve(state_dir, config_path)` runs the daemon (`natports proxy`);
 natports.backends.proxy.ProxyBackend writes its config and reloads it. This package
-imports no submodule itself: the daemon's modules load only in the process that serves,
-not in every CLI run that reads the proxy's config path.
+imports none of its modules: only `natports proxy` loads the daemon's, and every other
+natports command starts without them.
 """
