@@ -13,7 +13,6 @@ import io
 import os
 import re
 import stat
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,6 +43,8 @@ def read_ports_from_image(ctx: Context, image: str) -> bytes | None:
 
 
 def _ports_from_image(client: Any, image: str) -> bytes | None:
+    import tarfile  # here, not at the top: only image deploys read an archive (and bz2, lzma)
+
     workdir = (client.api.inspect_image(image).get("Config") or {}).get("WorkingDir") or "/"
     created = client.api.create_container(image, command=["/PORTS"], entrypoint=[])
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from .backends.proxy import ProxyBackend
+from .backends.base import PROXY
 from .context import Context
 from .errors import InputError
 from .listeners import host_listeners
@@ -47,7 +47,7 @@ def claim_checker(ctx: Context, app: str) -> ClaimCheck:
     proxied = {
         (r.key.protocol, port)
         for rec in applied.values()
-        if rec.backend == ProxyBackend.name
+        if rec.backend == PROXY
         for r in rec.routes
         for port in range(r.key.public_port, r.key.public_end + 1)  # a range: every port
     }

@@ -262,7 +262,8 @@ def _ports(row: dict[str, object], side: str) -> str:
 @handles_errors
 def proxy(ctx: engine.Context) -> None:
     """Run the userspace TCP/UDP proxy (the `proxy` backend's daemon) in the foreground."""
-    from .proxy import config_path, serve
+    from .proxy.config import config_path
+    from .proxy.daemon import serve
 
     serve(ctx.store.root, config_path(ctx.store.root), ctx.config_path)
 

@@ -7,7 +7,6 @@ every default, an unreadable or malformed one is bad input (exit 2), named with 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ def read(path: Path) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise InputError([f"{path}: cannot read: {exc.strerror}"]) from None
+    import tomllib  # here, not at the top: most hosts have no config file to parse
+
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

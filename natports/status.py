@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .backends.proxy import ProxyBackend
+from .backends.base import PROXY, RouteBackend
 from .conntrack import Flow, FlowCount, count_flows, local_addresses
 from .context import Context
 from .errors import NatportsError
 from .model import IPAddress, Protocol, Route
+
+if TYPE_CHECKING:
+    from .backends.proxy import ProxyBackend
 
 
 def status(ctx: Context) -> list[dict[str, object]]:
@@ -31,16 +34,17 @@ def status(ctx: Context) -> list[dict[str, object]]:
         if applied is None:
             continue
         backend = ctx.backend_named(applied.backend)
+        proxy = _as_proxy(backend) if applied.backend == PROXY else None
         for route in applied.routes:
-            counts = flows.of(route) if applied.backend != ProxyBackend.name else None
+            counts = flows.of(route) if applied.backend != PROXY else None
             proxied = None
-            if isinstance(backend, ProxyBackend):
+            if proxy is not None:
                 if proxy_metrics is None:
                     try:
-                        proxy_metrics = backend.route_metrics()
+                        proxy_metrics = proxy.route_metrics()
                     except NatportsError:
                         proxy_metrics = {}
-                proxied = _proxy_row(backend, route, proxy_metrics)
+                proxied = _proxy_row(proxy, route, proxy_metrics)
             found = counters_of(applied.backend).get(backend.route_id(route))
             packets, nbytes = found if found else (None, None)
             rows.append(
@@ -64,6 +68,14 @@ def status(ctx: Context) -> list[dict[str, object]]:
                 }
             )
     return rows
+
+
+def _as_proxy(backend: RouteBackend) -> ProxyBackend | None:
+    """The proxy daemon's client, if `backend` is one (imported here: only proxied
+    routes need it, and the CLI of a kernel backend should not load it)."""
+    from .backends.proxy import ProxyBackend
+
+    return backend if isinstance(backend, ProxyBackend) else None
 
 
 def _proxy_row(

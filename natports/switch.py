@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from .backends.proxy import ProxyBackend
+from .backends.base import PROXY
 from .conntrack import (
     changed_udp_routes,
     dead_backend_flows,
@@ -116,7 +116,7 @@ def commit(ctx: Context, p: Plan) -> None:
             ctx.store.set_applied(app, result)
     remove_leftovers(ctx)
     remember_retired(ctx, set(p.retired))
-    clean_udp(ctx, p.udp_changed, unnatted_too=p.backend != ProxyBackend.name)
+    clean_udp(ctx, p.udp_changed, unnatted_too=p.backend != PROXY)
     try:
         forget_dead_udp(ctx, lambda cid: container_gone(ctx, cid))
     except NatportsError as exc:  # Docker away: the agent or the next apply does it

@@ -12,6 +12,10 @@ from typing import Protocol
 
 from ..model import Route
 
+# The userspace proxy backend's name (ProxyBackend.name). Core code that treats proxied
+# routes apart compares names, so importing it never loads the proxy's client modules.
+PROXY = "proxy"
+
 
 class RouteBackend(Protocol):
     name: str

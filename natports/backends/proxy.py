@@ -17,6 +17,7 @@ from ..errors import NatportsError
 from ..model import Route
 from ..proxy import config as proxy_config
 from ..proxy.control import NoDaemon, request
+from .base import PROXY
 
 HINT = "is `natports proxy` running? systemctl status natports-proxy"
 
@@ -24,7 +25,7 @@ HINT = "is `natports proxy` running? systemctl status natports-proxy"
 class ProxyBackend:
     """Drives `natports proxy` through its config file and control socket."""
 
-    name = "proxy"
+    name = PROXY
 
     def __init__(self, state_dir: Path, timeout: float = 10.0) -> None:
         self.config_path = proxy_config.config_path(state_dir)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import NatportsError
-from . import config_path, serve
+from .config import config_path
+from .daemon import serve
 
 
 def main(argv: list[str] | None = None) -> int:

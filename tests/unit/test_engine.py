@@ -723,6 +723,24 @@ def test_status_of_a_proxied_app_has_no_kernel_flows(world: World) -> None:
     assert row["backend"] == "proxy" and row["flows"] is None
 
 
+def test_status_of_a_proxied_app_shows_what_the_real_proxy_backend_counts(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy's client loads only for proxied routes (natports.status): its counts
+    still reach the row. The daemon's `status` document is given, not asked for."""
+    from natports.backends.proxy import ProxyBackend
+
+    proxy = ProxyBackend(world.ctx.store.root)
+    route = _route("shop", 8080)
+    doc = {"routes": [{"id": proxy.route_id(route), "active": 2, "connections": 9, "bytes": 70}]}
+    monkeypatch.setattr(proxy, "status", lambda: doc)
+    world.ctx._backends["proxy"] = proxy
+    world.ctx.store.set_applied("shop", Applied("proxy", (route,)))
+    [row] = engine.status(world.ctx)
+    assert (row["packets"], row["bytes"], row["flows"]) == (9, 70, None)
+    assert row["proxy"] == {"open_connections": 2, "udp_flows": 0, "refused": {}}
+
+
 def test_a_corrupt_state_file_is_reported_as_such(world: World) -> None:
     (world.ctx.store.root / "applied").mkdir(parents=True)
     (world.ctx.store.root / "applied" / "mail.json").write_text('{"version": 1}')
