@@ -35,13 +35,19 @@ class NftBackend:
         # (NATPORTS_NFT=binary, or the library is missing: then only reads are direct).
         if direct is None:
             direct = os.environ.get("NATPORTS_NFT") != "binary"
-        self.lib = libnft.load() if direct else None
+        self.direct = direct
         self.netlink = direct
         # The last incremental reconcile planned, and what its fallback rebuild needs.
         self._rebuild: tuple[str, LiveTable, tuple[Route, ...]] | None = None
         self.forwarding = forwarding  # None: leave Docker's filter alone (-p needed)
         self._forwards: bool | None = None
         self._ensured = False
+
+    @property
+    def lib(self) -> libnft.LibNft | None:
+        """libnftables, loaded on the first batch: `docker-args`, run for every container
+        of a deploy, only plans and need not pay for loading it."""
+        return libnft.load() if self.direct else None
 
     def forwards_unpublished(self) -> bool:
         """Can natports' flows pass Docker's FORWARD filter without published ports?
@@ -180,12 +186,13 @@ class NftBackend:
 
     def _nft(self, args: list[str], stdin: str = "", missing_ok: bool = False) -> str | None:
         """`nft ARGS` (`-j`: JSON output; `-f -`: the batch on stdin), in-process if we can."""
-        if self.lib is not None and shutil.which(self.nft) is not None:
+        lib = self.lib
+        if lib is not None and shutil.which(self.nft) is not None:
             # Only where the nftables package is installed (as `doctor` checks): the
             # library is the same nft, without a process per batch.
             json_output = args[:1] == ["-j"]
             rest = args[1:] if json_output else args
-            outcome = self.lib.run(stdin if rest == ["-f", "-"] else " ".join(rest), json_output)
+            outcome = lib.run(stdin if rest == ["-f", "-"] else " ".join(rest), json_output)
             ok, out, err = outcome.ok, outcome.output, outcome.error.strip()
         else:
             proc = run(
