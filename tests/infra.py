@@ -260,6 +260,9 @@ class TagServer:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept(): the port is free again
+        # Closed under a thread still in accept(), the fd number could be reused and the
+        # thread (restarted after a signal) accept another test's connections.
+        self.thread.join(timeout=5)
         self.sock.close()
 
 
