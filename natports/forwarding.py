@@ -129,6 +129,26 @@ class Forwarding:
         self.legacy = variant == "legacy"
         self.tool = f"ip{'6' if v6 else ''}tables-{variant}"
         self.six = None if v6 else Forwarding(prefix, variant, v6=True)
+        self._ensured = False  # by this object, and not seen gone since
+
+    def ensure_once(self) -> None:
+        """`ensure`, unless this object did so already and has not seen it gone since
+        (`in_place`): a switch should not pay for reading the filter table each time."""
+        if not self._ensured:
+            self.ensure()
+            self._ensured = True
+
+    def in_place(self) -> bool:
+        """Is what `ensure` makes still exact (IPv4, and IPv6 where Docker made a
+        DOCKER-USER there)? A firewall reload that flushes the filter table takes
+        natports' accept with it while the nat rules may stay; then the next
+        `ensure_once` puts it back. True where there is no DOCKER-USER at all."""
+        exact = not render_ensure(self.live(), self.prefix)
+        if exact and self.six is not None:
+            exact = self.six.in_place()
+        if not exact:
+            self._ensured = False
+        return exact
 
     def live(self) -> Filter:
         if self.v6 and self.legacy and not _legacy_filter6_loaded():
@@ -152,6 +172,7 @@ class Forwarding:
         return self.live().has_user_chain
 
     def remove(self) -> None:
+        self._ensured = False
         batch = render_remove(self.live(), self.prefix)
         if batch:
             self._run("restore", ["--wait=30", "--noflush"], batch)

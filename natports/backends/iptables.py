@@ -60,7 +60,6 @@ class IptablesBackend:
         self.search_path = search_path  # where to look for the binaries; None means $PATH
         self.forwarding = Forwarding(prefix, self.variant)
         self._forwards: bool | None = None
-        self._ensured = False
 
     def forwards_unpublished(self) -> bool:
         """Can natports' flows pass Docker's FORWARD filter without published ports?
@@ -95,9 +94,8 @@ class IptablesBackend:
         if not batch.strip():
             return  # nothing was planned: nothing of ours exists
         flush = "-j DNAT" not in batch and "-X " in batch and ":" in batch and self._is_flush(batch)
-        if not flush and not self._ensured and self.forwards_unpublished():
-            self.forwarding.ensure()  # before the DNAT rules that rely on it
-            self._ensured = True
+        if not flush and self.forwards_unpublished():
+            self.forwarding.ensure_once()  # before the DNAT rules that rely on it
         v4, v6 = ipt_render.split_batch(batch)
         wait = f"--wait={LOCK_WAIT_SECONDS}"
         if v4 and v6:  # IPv6 is what a host lacks most often: find out before IPv4 changes
@@ -117,7 +115,6 @@ class IptablesBackend:
                 ) from None
         if flush:
             self.forwarding.remove()  # nothing of natports is left to accept
-            self._ensured = False
         for family, part in ((4, v4), (6, v6)):
             if not part:
                 continue
@@ -139,6 +136,8 @@ class IptablesBackend:
         needs6 = any(route.key.family == 6 for route in routes)
         if not self._hooked(4):
             return False
+        if routes and self.forwards_unpublished() and not self.forwarding.in_place():
+            return False  # the filter side (DOCKER-USER) was flushed: the next run repairs
         if not self._v6_readable():  # legacy with no IPv6 nat table: none of ours in it
             return not needs6
         return self._hooked(6, required=needs6)

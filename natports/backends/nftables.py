@@ -41,7 +41,6 @@ class NftBackend:
         self._rebuild: tuple[str, LiveTable, tuple[Route, ...]] | None = None
         self.forwarding = forwarding  # None: leave Docker's filter alone (-p needed)
         self._forwards: bool | None = None
-        self._ensured = False
 
     @property
     def lib(self) -> libnft.LibNft | None:
@@ -85,9 +84,8 @@ class NftBackend:
     def run(self, batch: str) -> None:
         """One atomic transaction: the kernel applies all of it or none of it."""
         flush = batch == self.plan_flush_all()
-        if self.forwarding and not flush and not self._ensured and self.forwards_unpublished():
-            self.forwarding.ensure()  # before the DNAT rules that rely on it
-            self._ensured = True
+        if self.forwarding and not flush and self.forwards_unpublished():
+            self.forwarding.ensure_once()  # before the DNAT rules that rely on it
         try:
             self._nft(["-f", "-"], batch)
         except NatportsError:
@@ -99,7 +97,6 @@ class NftBackend:
             self._rebuild = None
         if self.forwarding is not None and flush:
             self.forwarding.remove()  # nothing of natports is left to accept
-            self._ensured = False
 
     def live(self) -> LiveTable | None:
         """What reconciling needs (None: no table): an exact read of the table's
@@ -138,11 +135,20 @@ class NftBackend:
         Neither reads set elements, so both cost the same at any table size (`nft
         list chain` made nft fetch every set element: 0.3 s at 30,000 routes). What
         removes natports' rules in practice (`nft flush ruleset`, a firewall reload,
-        `delete table`) removes the chains too.
+        `delete table`) removes the chains too. Where natports' flows pass Docker's
+        filter through its accept, that accept is checked as well (one filter read).
         """
         if self.netlink:
-            return self._skeleton_in_place()
-        return self._chains() >= SKELETON_CHAINS
+            if not self._skeleton_in_place():
+                return False
+        elif not self._chains() >= SKELETON_CHAINS:
+            return False
+        return self._forwarding_in_place(routes)
+
+    def _forwarding_in_place(self, routes: Sequence[Route]) -> bool:
+        if not routes or self.forwarding is None or not self.forwards_unpublished():
+            return True
+        return self.forwarding.in_place()  # a firewall reload flushes DOCKER-USER too
 
     def _skeleton_in_place(self) -> bool:
         """Do the skeleton's chains hold its number of rules? False if it cannot tell."""

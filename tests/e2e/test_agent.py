@@ -262,6 +262,35 @@ def test_flushed_iptables_chains_are_put_back_by_the_agent(
         cli("flush", expect=None)
 
 
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_a_lost_docker_user_accept_is_put_back_by_the_agent(
+    cli: Cli, client_net: ClientNet, containers: Containers, agent: Any, backend: str
+) -> None:
+    """A firewall reload that flushes the filter table takes natports' accept from
+    DOCKER-USER while its nat rules stay: a container without published ports is cut
+    off until the agent puts the accept back. Only natports' own rule and chain are
+    touched here (Docker's DOCKER-USER keeps its own rules)."""
+    cli.backend = backend
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n")
+    bare = containers.start("v1", app="mail", publish=False)
+    cli("apply", "--app", "mail", "--container", bare.id)
+    assert client_net.connect_once(PORT) == {"tag": "v1"}
+    running = agent()
+    ours = f"{NFT_TABLE.upper()}-FWD"
+    sh("iptables", "-D", "DOCKER-USER", "-j", ours)
+    sh("iptables", "-F", ours)
+    # The first connection's TIME_WAIT entry would let a reused source port through
+    # without the accept: only new flows prove it back.
+    sh("conntrack", "-D", "-s", client_net.client_ip, check=False)
+    # Without the accept the flow is dropped (test_forwarding.py::
+    # test_without_the_accept_docker_drops_the_flow); the agent's drift check runs every
+    # second, too soon after this to show the gap without a race.
+    assert wait_for(lambda: client_net.connect_once(PORT).get("tag") == "v1", timeout=5)
+    assert wait_for(lambda: "put back" in running.text(), timeout=5)
+    assert sh("iptables-save", "-t", "filter").stdout.count(f"-A DOCKER-USER -j {ours}") == 1
+    cli("flush")
+
+
 def test_a_host_listener_on_a_routed_port_is_reported(cli: Cli, containers: Containers) -> None:
     cli("ports", "set", "mail", input=f"{PORT}:5025\n")
     v1 = containers.start("v1", app="mail")
