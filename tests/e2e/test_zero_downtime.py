@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,36 @@ def test_udp_mapping_reaches_the_container(
     v1 = containers.start("v1")
     route_to(cli, "dns", v1.id)
     assert client_net.client("udp", client_net.host_ip, str(PORT), "ping") == {"answer": "v1 ping"}
+
+
+def test_the_app_sees_the_clients_address_through_a_kernel_backend(
+    cli: Cli, client_net: ClientNet, containers: Containers
+) -> None:
+    """DNAT keeps the source address: the container sees the client itself (TCP and UDP).
+    The proxy relays from the host, so there the container sees the host's address
+    (docs/proxy.md: PROXY protocol v2 is how an app behind it learns the client's)."""
+    cli("ports", "set", "mail", input=f"{PORT}:5025\n{PORT}:5025/udp\n")
+    v1 = containers.start("v1")
+    route_to(cli, "mail", v1.id)
+    held = client_net.hold(PORT)
+    try:
+        over_tcp = held.ask("?peer")
+    finally:
+        held.close()
+    flow = client_net.udp_hold(PORT)
+    try:
+        over_udp = flow.ask("?peer")
+    finally:
+        flow.close()
+    seen = []
+    for answer in (over_tcp, over_udp):
+        assert answer is not None and answer.startswith("v1 ?peer "), answer
+        seen.append(ip_address(answer.split()[-1]))
+    client = ip_address(client_net.client_ip)
+    if cli.backend == "proxy":
+        assert client not in seen
+    else:
+        assert seen == [client, client]
 
 
 def test_another_container_reaches_the_public_port(

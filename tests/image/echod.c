@@ -6,7 +6,10 @@
  * has it) IPv6.
  *   TCP: sends "TAG\n" on accept, then answers every line L with "TAG L\n".
  *   UDP: answers every datagram D with "TAG D".
- * The tag lets a test see which container (release) answered.
+ * The tag lets a test see which container (release) answered. A line or datagram
+ * "?peer" is answered with "TAG ?peer ADDRESS": the client's address as the container
+ * sees it (an IPv4 client on the dual-stack socket is printed as IPv4), which tells
+ * whether a backend kept it.
  * Built static so that a busybox-only image can run it.
  */
 #include <arpa/inet.h>
@@ -54,6 +57,29 @@ static int listen_on(int type, int port) {
     return fd;
 }
 
+/* The text of a peer address; IPv4-mapped IPv6 addresses as plain IPv4. */
+static void peer_text(const struct sockaddr_storage *peer, char *out, size_t size) {
+    if (peer->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *p6 = (const struct sockaddr_in6 *)peer;
+        if (IN6_IS_ADDR_V4MAPPED(&p6->sin6_addr))
+            inet_ntop(AF_INET, &p6->sin6_addr.s6_addr[12], out, (socklen_t)size);
+        else
+            inet_ntop(AF_INET6, &p6->sin6_addr, out, (socklen_t)size);
+    } else {
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)peer)->sin_addr, out, (socklen_t)size);
+    }
+}
+
+/* The answer to one line or datagram: "TAG L", or "TAG ?peer ADDRESS" for "?peer". */
+static int answer(char *out, size_t size, const char *in, const struct sockaddr_storage *peer) {
+    if (strcmp(in, "?peer") == 0) {
+        char addr[INET6_ADDRSTRLEN] = "?";
+        peer_text(peer, addr, sizeof addr);
+        return snprintf(out, size, "%s ?peer %s", tag, addr);
+    }
+    return snprintf(out, size, "%s %s", tag, in);
+}
+
 static void write_all(int fd, const char *buf, size_t len) {
     while (len > 0) {
         ssize_t n = write(fd, buf, len);
@@ -67,6 +93,10 @@ static void write_all(int fd, const char *buf, size_t len) {
 static void serve_tcp_client(int fd) {
     char in[4096], line[4096], out[8192];
     size_t used = 0;
+    struct sockaddr_storage peer;
+    socklen_t plen = sizeof peer;
+    memset(&peer, 0, sizeof peer);
+    getpeername(fd, (struct sockaddr *)&peer, &plen);
     int n = snprintf(out, sizeof out, "%s\n", tag);
     write_all(fd, out, (size_t)n);
     for (;;) {
@@ -76,7 +106,9 @@ static void serve_tcp_client(int fd) {
         for (ssize_t i = 0; i < got; i++) {
             if (in[i] == '\n' || used == sizeof line - 1) {
                 line[used] = '\0';
-                n = snprintf(out, sizeof out, "%s %s\n", tag, line);
+                n = answer(out, sizeof out - 1, line, &peer);
+                if (n > (int)sizeof out - 2) n = (int)sizeof out - 2;  /* truncated */
+                out[n++] = '\n';
                 write_all(fd, out, (size_t)n);
                 used = 0;
             } else {
@@ -104,7 +136,7 @@ static void serve_udp(int fd) {
         ssize_t got = recvfrom(fd, in, sizeof in - 1, 0, (struct sockaddr *)&peer, &plen);
         if (got < 0) continue;
         in[got] = '\0';
-        int n = snprintf(out, sizeof out, "%s %s", tag, in);
+        int n = answer(out, sizeof out, in, &peer);
         sendto(fd, out, (size_t)n, 0, (struct sockaddr *)&peer, plen);
     }
 }
