@@ -347,5 +347,12 @@ def test_metrics_and_flows_while_a_flow_drains(
         assert samples[key] == 1
         assert samples["natports_agent_up"] == 1
         assert samples["natports_agent_resyncs_total"] >= 1
+        held.close()  # the old container's last flow ends: its count falls to zero
+
+        def drained() -> bool:
+            flows = {f["ip"]: f["tcp_established"] for f in cli.status()[0]["flows"]}
+            return flows.get(v1.ip, 0) == 0 and flows.get(v2.ip) == 0
+
+        assert wait_for(drained, timeout=5)
     finally:
         held.close()
