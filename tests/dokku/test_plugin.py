@@ -133,6 +133,20 @@ def test_a_conflicting_push_fails_before_any_container_is_created(
     assert tags(client_net, PORT) == {"v1.web.1"}
 
 
+def test_a_push_claiming_a_reserved_port_fails_before_any_container_is_created(
+    dokku: DokkuHost, client_net: ClientNet
+) -> None:
+    """The host policy (ports 22, 80, 443 by default) holds on the Dokku path too."""
+    assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
+    before = (dokku.stored("mail"), dokku.table(), dokku.current("mail"))
+    reserved = dokku.git_push("mail", "v2", {"PORTS": f"{PORT}:5025\n22:5022\n"})
+    assert not reserved.ok and reserved.created == 0
+    assert "PORTS:2:1:" in reserved.output, reserved.output
+    assert "port 22/tcp is reserved by the host policy" in reserved.output
+    assert (dokku.stored("mail"), dokku.table(), dokku.current("mail")) == before
+    assert tags(client_net, PORT) == {"v1.web.1"}
+
+
 def test_an_invalid_push_fails_and_changes_nothing(dokku: DokkuHost, client_net: ClientNet) -> None:
     assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
     before = (dokku.stored("mail"), dokku.table(), dokku.current("mail"))
