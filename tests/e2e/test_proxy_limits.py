@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from natports.proxy.config import route_id
+from natports.proxy.control import request
 from natports.proxy.udp import EVICT_SILENCE
 from tests.e2e.proxy_daemon import ProxyDaemon, start_proxy
 from tests.infra import ClientNet, HeldFlow, TagServer, wait_for
@@ -487,6 +489,41 @@ def test_a_reload_applies_new_limits_and_a_refused_one_keeps_the_old(
             # Established connections went through every reload untouched.
             answers = [flow.ask(f"still {i}") for i, flow in enumerate(held)]
             assert answers == [f"app still {i}" for i in range(len(held))]
+        finally:
+            for flow in held:
+                flow.close()
+
+
+def test_a_restart_with_a_bad_section_is_refused_and_cuts_nothing(
+    start_proxy: Callable[..., ProxyDaemon], client_net: ClientNet
+) -> None:
+    """`systemctl reload natports-proxy` is SIGHUP: a re-exec, which reads `[proxy]` at start.
+    With a bad section the new process could not start and every connection would be cut
+    (and systemd's restarts would fail alike): the running process refuses the restart and
+    keeps serving with its limits. Once the section is fixed, a restart applies it."""
+    proxy: ProxyDaemon = start_proxy(settings="[proxy]\nroute_max_tcp = 1\n")
+    with tag_server("app") as app:
+        web = local_route(client_net, "app", PORT + 13, app.port, TCP)
+        rid = route_id(web)
+        proxy.apply([web])
+        held = [client_net.hold(PORT + 13)]
+        try:
+            proxy.settings.write_text("[proxy]\nroute_max_tcp = -1\n")
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: "restart refused" in proxy.log()), proxy.log()
+            reply = request(proxy.backend.socket_path, "restart", 10.0)
+            assert reply.startswith("error ") and "route_max_tcp" in reply, reply
+            assert proxy.proc.poll() is None and proxy.status()["restarts"] == 0
+            assert held[0].ask("after") == "app after"
+            assert probe(client_net, PORT + 13)["seen"] == "reset"  # the cap is still 1
+
+            proxy.settings.write_text("[proxy]\nroute_max_tcp = 2\n")
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: proxy.status()["restarts"] == 1), proxy.log()
+            held.append(client_net.hold(PORT + 13))
+            assert probe(client_net, PORT + 13)["seen"] == "reset"
+            assert proxy.route_status(rid)["refused"] == {"route_max_tcp": 2}
+            assert [flow.ask("end") for flow in held] == ["app end", "app end"]
         finally:
             for flow in held:
                 flow.close()
