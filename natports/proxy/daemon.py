@@ -16,7 +16,8 @@ their backend until they end. Listeners of routes that stay are never closed, so
 a reload refuses nothing. SIGHUP is `restart`, SIGTERM/SIGINT stop the daemon.
 
 Limits (caps, idle timeouts) come from `[proxy]` in the operator's natports.toml
-(limits.py) and are re-read on every reload. Environment knobs:
+(limits.py) and are re-read on every reload (a bad section refuses it; a restart is
+refused too, before the exec). Environment knobs:
 NATPORTS_PROXY_SPLICE=0 (recv/send instead of splice), NATPORTS_PROXY_UDP_IDLE
 (seconds: the default of proxy.udp_idle), NATPORTS_PROXY_LOG (log level),
 NATPORTS_PROXY_PIPE_MAX (bytes: the pipe a bulk direction grows to, tcp.PIPE_MAX).
@@ -388,6 +389,12 @@ class Daemon:
     # -- restart: hand every fd to our own re-exec ---------------------------------------------
 
     def _restart(self) -> None:
+        try:  # the re-exec reads [proxy] at start and would exit on a bad one, cutting all
+            read_limits(self.settings_path, self.udp_idle_default)
+        except LimitsError as exc:
+            log.error("restart refused, this process keeps serving: %s", exc)
+            self._answer_waiting(f"error {exc}")
+            return
         state = self._snapshot()
         fds = state.fds()
         memfd = write_handover(state)
@@ -415,9 +422,13 @@ class Daemon:
                 os.set_inheritable(fd, False)
             os.close(memfd)
             log.error("restart failed, this process keeps serving: %s", exc)
-            for client in list(self.clients):
-                if client.waiting:
-                    client.answer(f"error cannot re-exec {sys.executable}: {exc}")
+            self._answer_waiting(f"error cannot re-exec {sys.executable}: {exc}")
+
+    def _answer_waiting(self, reply: str) -> None:
+        """Answer the control clients waiting for a restart that did not happen."""
+        for client in list(self.clients):
+            if client.waiting:
+                client.answer(reply)
 
     def _snapshot(self) -> Handover:
         now = self.rt.loop.now

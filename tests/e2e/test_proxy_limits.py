@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -18,11 +19,15 @@ import time
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address
 
+import pytest
+
+from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
 from natports.proxy.config import route_id
+from natports.proxy.control import request
 from natports.proxy.udp import EVICT_SILENCE
 from tests.e2e.proxy_daemon import ProxyDaemon, start_proxy
-from tests.infra import ClientNet, TagServer, wait_for
+from tests.infra import ClientNet, HeldFlow, TagServer, wait_for
 
 __all__ = ["start_proxy"]  # fixture
 
@@ -62,6 +67,24 @@ t = time.monotonic()
 with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
     greeting = s.makefile("rb").readline().decode().strip()
 print(json.dumps({"tag": greeting, "ms": (time.monotonic() - t) * 1000}))
+"""
+
+# Connects, then waits for the proxy's first word: data, an EOF, a reset, or nothing (hang).
+# The reset may already be there when connect() looks (the handshake is the kernel's).
+PROBE = """
+import json, socket, sys, time
+t = time.monotonic()
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.settimeout(float(sys.argv[3]))
+    seen = "data" if s.recv(100) else "eof"
+except ConnectionResetError:
+    seen = "reset"
+except TimeoutError:
+    seen = "hang"
+except OSError as exc:
+    seen = repr(exc)
+print(json.dumps({"seen": seen, "ms": (time.monotonic() - t) * 1000}))
 """
 
 # One datagram from each of N distinct source ports (bound explicitly), paced.
@@ -105,6 +128,18 @@ def held_connections(net: ClientNet, port: int, count: int) -> Iterator[int]:
 def timed_once(net: ClientNet, port: int) -> dict[str, object]:
     out = subprocess.run(
         in_netns(net, TIMED_ONCE, net.host_ip, port),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return dict(json.loads(out.stdout))
+
+
+def probe(net: ClientNet, port: int, wait: float = 3.0) -> dict[str, object]:
+    """What a new client sees first, and after how many ms (from before its connect)."""
+    out = subprocess.run(
+        in_netns(net, PROBE, net.host_ip, port, wait),
         capture_output=True,
         text=True,
         timeout=30,
@@ -202,6 +237,28 @@ def test_idle_flood_is_capped_other_apps_answer_and_idle_ones_close(
     metrics = proxy.backend.route_metrics()[rid]
     assert metrics["open_connections"] == 0
     assert metrics["refused"] == {"route_max_tcp": 3000 - cap}
+
+
+def test_a_connection_over_the_cap_is_reset_at_once_not_left_hanging(
+    start_proxy: Callable[..., ProxyDaemon], client_net: ClientNet
+) -> None:
+    """docs/proxy.md: over a cap "the client sees a reset, not a hang", seen from the client:
+    its connect succeeds (the kernel's handshake), then its first read fails with
+    ECONNRESET well within a second, neither an EOF nor silence."""
+    proxy: ProxyDaemon = start_proxy(settings="[proxy]\nroute_max_tcp = 1\n")
+    with tag_server("one") as one:
+        web = local_route(client_net, "one", PORT + 12, one.port, TCP)
+        proxy.apply([web])
+        held = client_net.hold(PORT + 12)
+        try:
+            seen = [probe(client_net, PORT + 12) for _ in range(3)]
+            assert all(p["seen"] == "reset" for p in seen), seen
+            assert max(float(str(p["ms"])) for p in seen) < 1000, seen
+            row = proxy.route_status(route_id(web))
+            assert row["refused"] == {"route_max_tcp": 3} and row["active"] == 1, row
+            assert held.ask("still") == "one still"
+        finally:
+            held.close()
 
 
 # -- UDP: a spray from thousands of source ports -----------------------------------------------
@@ -346,3 +403,127 @@ def test_out_of_fds_pauses_without_spinning_and_recovers(
         assert wait_for(lambda: proxy.status()["tcp_connections"] == 0, timeout=20)
         assert wait_for(lambda: timed_once(client_net, PORT + 6)["tag"] == "ok", timeout=10)
     assert proxy.log().count("out of file descriptors") == 1, proxy.log()
+
+
+# -- reload: the limits are read again, a bad section changes nothing ----------------------------
+
+
+def test_a_reload_applies_new_limits_and_a_refused_one_keeps_the_old(
+    start_proxy: Callable[..., ProxyDaemon], client_net: ClientNet
+) -> None:
+    """docs/proxy.md: the daemon reads `[proxy]` again on every reload; a bad section refuses
+    the reload and the old limits stay. Reloads go the way `natports apply` sends them
+    (ProxyBackend.run: write the routes, `reload` on the control socket). Every cap is
+    measured with connections; the connections held throughout are never cut."""
+    proxy: ProxyDaemon = start_proxy(settings="[proxy]\nroute_max_tcp = 2\n")
+    with tag_server("app") as app:
+        web = local_route(client_net, "app", PORT + 10, app.port, TCP)
+        rid = route_id(web)
+        proxy.apply([web])
+        held: list[HeldFlow] = []
+        refused = 0
+
+        def over_the_cap(cap: int) -> None:
+            """`cap` connections are held, the next is reset and counted."""
+            nonlocal refused
+            assert proxy.route_status(rid)["active"] == cap, proxy.route_status(rid)
+            assert probe(client_net, PORT + 10)["seen"] == "reset"
+            refused += 1
+            assert proxy.route_status(rid)["refused"] == {"route_max_tcp": refused}
+
+        def one_leaves_one_comes(cap: int) -> None:
+            """Below the cap a new connection is served: the cap is not lower than `cap`."""
+            held.pop().close()
+            assert wait_for(lambda: proxy.route_status(rid)["active"] == cap - 1)
+            held.append(client_net.hold(PORT + 10))
+            over_the_cap(cap)
+
+        try:
+            held += [client_net.hold(PORT + 10) for _ in range(2)]
+            over_the_cap(2)
+
+            # (a) A changed, valid section is in force from the reload on.
+            proxy.settings.write_text("[proxy]\nroute_max_tcp = 4\n")
+            proxy.apply([web])
+            assert proxy.status()["limits"]["route_max_tcp"] == 4
+            held += [client_net.hold(PORT + 10) for _ in range(2)]
+            over_the_cap(4)
+
+            # (b) A bad section: the reload is refused (natports apply fails, the daemon
+            # logs it), the generation and the cap stay.
+            generation = proxy.status()["generation"]
+            bad_sections = {
+                "route_max_tcp = -1": "proxy.route_max_tcp must be a positive number, not -1",
+                "route_max_tpc = 9": "proxy.route_max_tpc is not a known setting",
+                "route_max_tcp = ": "Invalid value",  # not TOML at all
+            }
+            for section, why in bad_sections.items():
+                proxy.settings.write_text(f"[proxy]\n{section}\n")
+                with pytest.raises(NatportsError) as info:
+                    proxy.apply([web])
+                assert "the natports proxy refused" in info.value.message
+                assert f"{proxy.settings}: " in info.value.message
+                assert why in info.value.message
+                status = proxy.status()
+                assert status["generation"] == generation
+                assert status["limits"]["route_max_tcp"] == 4
+                over_the_cap(4)
+            assert proxy.log().count("reload refused") == len(bad_sections), proxy.log()
+            one_leaves_one_comes(4)
+
+            # (c) A valid section with routes that cannot all listen: refused as a whole,
+            # so the new limits (max_tcp = 2, fewer than are open) must not stay either.
+            proxy.settings.write_text("[proxy]\nroute_max_tcp = 4\nmax_tcp = 2\n")
+            blocked = local_route(client_net, "other", PORT + 11, app.port, TCP)
+            with socket.socket() as squatter:
+                squatter.bind((client_net.host_ip, PORT + 11))
+                squatter.listen()
+                with pytest.raises(NatportsError) as info:
+                    proxy.apply([web, blocked])
+            assert f"cannot listen on {client_net.host_ip}:{PORT + 11}/tcp" in info.value.message
+            status = proxy.status()
+            assert status["generation"] == generation
+            assert status["limits"]["max_tcp"] == 20000, status["limits"]
+            one_leaves_one_comes(4)
+
+            # Established connections went through every reload untouched.
+            answers = [flow.ask(f"still {i}") for i, flow in enumerate(held)]
+            assert answers == [f"app still {i}" for i in range(len(held))]
+        finally:
+            for flow in held:
+                flow.close()
+
+
+def test_a_restart_with_a_bad_section_is_refused_and_cuts_nothing(
+    start_proxy: Callable[..., ProxyDaemon], client_net: ClientNet
+) -> None:
+    """`systemctl reload natports-proxy` is SIGHUP: a re-exec, which reads `[proxy]` at start.
+    With a bad section the new process could not start and every connection would be cut
+    (and systemd's restarts would fail alike): the running process refuses the restart and
+    keeps serving with its limits. Once the section is fixed, a restart applies it."""
+    proxy: ProxyDaemon = start_proxy(settings="[proxy]\nroute_max_tcp = 1\n")
+    with tag_server("app") as app:
+        web = local_route(client_net, "app", PORT + 13, app.port, TCP)
+        rid = route_id(web)
+        proxy.apply([web])
+        held = [client_net.hold(PORT + 13)]
+        try:
+            proxy.settings.write_text("[proxy]\nroute_max_tcp = -1\n")
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: "restart refused" in proxy.log()), proxy.log()
+            reply = request(proxy.backend.socket_path, "restart", 10.0)
+            assert reply.startswith("error ") and "route_max_tcp" in reply, reply
+            assert proxy.proc.poll() is None and proxy.status()["restarts"] == 0
+            assert held[0].ask("after") == "app after"
+            assert probe(client_net, PORT + 13)["seen"] == "reset"  # the cap is still 1
+
+            proxy.settings.write_text("[proxy]\nroute_max_tcp = 2\n")
+            proxy.proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: proxy.status()["restarts"] == 1), proxy.log()
+            held.append(client_net.hold(PORT + 13))
+            assert probe(client_net, PORT + 13)["seen"] == "reset"
+            assert proxy.route_status(rid)["refused"] == {"route_max_tcp": 2}
+            assert [flow.ask("end") for flow in held] == ["app end", "app end"]
+        finally:
+            for flow in held:
+                flow.close()
