@@ -248,12 +248,18 @@ class DokkuHost:
         script.chmod(0o755)
         return venv
 
-    def _installer(self, script: str, *args: str) -> None:
+    def uninstall(self, *args: str) -> None:
+        """The documented `uninstall-dokku-plugin [--purge]`, as an operator runs it: the
+        test's paths, but not NATPORTS_SKIP_PIP, so it removes the venv and the plugin's
+        git source too (both under `base`)."""
+        self._installer("uninstall-dokku-plugin", *args, skip_pip=False)
+
+    def _installer(self, script: str, *args: str, skip_pip: bool = True) -> None:
         env = {
             **os.environ,
             **self._env(),
             "NATPORTS_VENV": str(self.base / "venv"),
-            "NATPORTS_SKIP_PIP": "1",
+            "NATPORTS_SKIP_PIP": "1" if skip_pip else "",
             "NATPORTS_HELPER": str(self.helper),
             "NATPORTS_SUDOERS": str(self.sudoers),
             "NATPORTS_STATE_DIR": str(self.state),
