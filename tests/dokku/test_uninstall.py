@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,42 @@ def test_uninstall_removes_every_rule_and_what_the_installer_made(
         assert not dokku.state.exists()
     else:
         assert dokku.state.is_dir() and dokku.stored("mail") is not None
+
+
+def test_uninstall_stops_the_agent_before_it_removes_the_rules(
+    client_net: ClientNet,
+) -> None:
+    """With systemd, the agent (natports-watch.service) routes the apps again from their
+    mappings on its next Docker event or resync: stopped after the rules went, it could
+    put them back in between, and nothing would ever remove them (the helper is gone)."""
+    dokku = DokkuHost(systemd=True)
+    try:
+        dokku.install()
+        agent = dokku.agent_pid()
+        assert agent is not None and Path(f"/proc/{agent}").exists()
+        assert dokku.git_push("mail", "v1", {"PORTS": f"{PORT}:5025\n"}).ok
+        assert client_net.connect_once(PORT).get("tag") == "v1.web.1"
+        units = sorted(p.name for p in dokku.units.glob("*.service"))
+        assert units == ["natports-proxy.service", "natports-watch.service", "natports.service"]
+
+        dokku.uninstall("--purge")
+
+        calls = (dokku.units / "calls").read_text().splitlines()
+        assert "disable --now natports-watch.service table=yes" in calls, calls
+        assert dokku.agent_pid() is None and not _alive(agent)
+        assert sorted(p.name for p in dokku.units.glob("*.service")) == []
+        # A Docker event now (the app's container restarts) brings nothing back.
+        sh("docker", "restart", "-t", "1", dokku.current("mail")["web"][0])
+        assert f"table inet {NFT_TABLE}" not in nft_tables()
+        assert {tool: mine for tool, (mine, _) in xtables().items() if mine} == {}
+        assert client_net.connect_once(PORT).get("tag", "refused") == "refused"
+    finally:
+        dokku.remove()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie nobody reaps in this container counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
