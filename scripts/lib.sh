@@ -23,6 +23,7 @@ installed_layout() {
     TABLE="${NATPORTS_NFT_TABLE:-natports}"
     DOKKU_USER="${NATPORTS_DOKKU_USER:-dokku}"
     UNITS=(natports.service natports-watch.service natports-proxy.service)
+    SYSTEMD_DIR="${NATPORTS_SYSTEMD_DIR:-/etc/systemd/system}"  # where the units go
 }
 
 need_root() {

@@ -92,6 +92,41 @@ case "$1" in
 esac
 """
 
+SYSTEMCTL = r"""#!/usr/bin/env bash
+# Stand-in for systemctl (no systemd here), for the units the installer writes into
+# NATPORTS_SYSTEMD_DIR: `restart UNIT` runs its ExecStart= in the background, `disable
+# --now UNIT` stops it and returns once it is gone. Each call is logged in `calls` with
+# whether natports' test table existed at that moment.
+set -euo pipefail
+dir="$NATPORTS_SYSTEMD_DIR"
+table=no
+if nft list table inet @TABLE@ >/dev/null 2>&1; then table=yes; fi
+echo "$* table=$table" >>"$dir/calls"
+stop() {
+  local pid
+  [[ -f "$dir/$1.pid" ]] || return 0
+  pid="$(<"$dir/$1.pid")"
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 200); do  # gone, or a zombie nobody reaps here
+    state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo gone)"
+    [[ "$state" == gone || "$state" == Z ]] && break
+    sleep 0.05
+  done
+  rm -f "$dir/$1.pid"
+}
+case "$1" in
+  restart)
+    stop "$2"
+    cmd="$(sed -n 's/^ExecStart=//p' "$dir/$2")"
+    eval "exec $cmd" </dev/null >>"$dir/$2.log" 2>&1 &
+    echo "$!" >"$dir/$2.pid"
+    ;;
+  disable)
+    if [[ "$2" == --now ]]; then stop "$3"; fi
+    ;;
+esac
+""".replace("@TABLE@", NFT_TABLE)
+
 # Dokku's ports plugin, as far as natports meets it (plugins/ports/triggers.go).
 PORTS_PLUGIN = {
     # :50-58: the configured map, else the detected one, which is never empty
@@ -157,8 +192,12 @@ PRIVATE_PORTS = ("5000", "5025", "5026", "5027", "5030", "5999")
 class DokkuHost:
     """The dokku user, DOKKU_ROOT, the plugin path with natports installed by its installer."""
 
-    def __init__(self) -> None:
+    def __init__(self, systemd: bool = False) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="natports-dokku-"))
+        # systemd: the installer writes its units into `units` and starts the agent
+        # through the systemctl stand-in (it runs as long as its unit is enabled)
+        self.systemd = systemd
+        self.units = self.base / "systemd"
         self.base.chmod(0o755)
         self.created_user = False
         self.dokku_root = self.base / "home"
@@ -191,7 +230,8 @@ class DokkuHost:
         shutil.chown(self.dokku_root, USER, USER)
         shutil.chown(self.lib_root, USER, USER)
         self.bin.mkdir()
-        for name, text in (("plugn", PLUGN), ("dokku", DOKKU)):
+        self.units.mkdir()
+        for name, text in (("plugn", PLUGN), ("dokku", DOKKU), ("systemctl", SYSTEMCTL)):
             (self.bin / name).write_text(text)
             (self.bin / name).chmod(0o755)
         for name, triggers in (
@@ -248,18 +288,25 @@ class DokkuHost:
         script.chmod(0o755)
         return venv
 
-    def _installer(self, script: str, *args: str) -> None:
+    def uninstall(self, *args: str) -> None:
+        """The documented `uninstall-dokku-plugin [--purge]`, as an operator runs it: the
+        test's paths, but not NATPORTS_SKIP_PIP, so it removes the venv and the plugin's
+        git source too (both under `base`)."""
+        self._installer("uninstall-dokku-plugin", *args, skip_pip=False)
+
+    def _installer(self, script: str, *args: str, skip_pip: bool = True) -> None:
         env = {
             **os.environ,
             **self._env(),
             "NATPORTS_VENV": str(self.base / "venv"),
-            "NATPORTS_SKIP_PIP": "1",
+            "NATPORTS_SKIP_PIP": "1" if skip_pip else "",
             "NATPORTS_HELPER": str(self.helper),
             "NATPORTS_SUDOERS": str(self.sudoers),
             "NATPORTS_STATE_DIR": str(self.state),
             "NATPORTS_CONFIG": str(self.config),
             "NATPORTS_NFT_TABLE": NFT_TABLE,
-            "NATPORTS_SYSTEMD": "no",
+            "NATPORTS_SYSTEMD": "yes" if self.systemd else "no",
+            "NATPORTS_SYSTEMD_DIR": str(self.units),  # never a real installation's units
             "NATPORTS_PLUGIN_INSTALL": "yes",
             "NATPORTS_PLUGIN_SRC": str(self.base / "plugin-src"),
         }
@@ -268,12 +315,20 @@ class DokkuHost:
         )
         assert done.returncode == 0, done
 
+    def agent_pid(self) -> int | None:
+        """The agent natports-watch.service runs (through the systemctl stand-in)."""
+        path = self.units / "natports-watch.service.pid"
+        return int(path.read_text()) if path.exists() else None
+
     def remove(self) -> None:
         for cid in self.containers:
             sh("docker", "rm", "-f", cid, check=False)
         try:
             self._installer("uninstall-dokku-plugin", "--purge")
         finally:
+            for pid_file in self.units.glob("*.pid"):  # a unit the uninstall did not stop
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), 9)
             self.helper.unlink(missing_ok=True)
             self.sudoers.unlink(missing_ok=True)
             if self.created_user:
