@@ -36,7 +36,7 @@ need_root() {
 install_packages() {
     local missing=() pkg
     for pkg in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep "install ok installed" >/dev/null \
             || missing+=("$pkg")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
