@@ -138,23 +138,27 @@ class IptablesBackend:
             return False
         if routes and self.forwards_unpublished() and not self.forwarding.in_place():
             return False  # the filter side (DOCKER-USER) was flushed: the next run repairs
-        if not self._v6_readable():  # legacy with no IPv6 nat table: none of ours in it
-            return not needs6
+        if not self._v6_readable():  # legacy with no IPv6 nat table: none of ours to lose
+            return True
         return self._hooked(6, required=needs6)
 
     def _hooked(self, family: int, required: bool = True) -> bool:
-        """Are our hooks in place? `required=False`: an absent chain of ours is fine too."""
+        """Are our hooks in place? IPv4: any failed check is a loss. IPv6: only what a
+        reconcile can put back is: a jump missing from a chain of ours, or, where
+        `required`, a chain of ours gone. No ip6tables, no IPv6 nat, a lock timeout: not
+        a loss here (the repair would fail each second; apply and resync report them)."""
         tool = f"{_ip(family)}-{self.variant}"
         for builtin, ours in self.layout.hooks():
             check = [tool, f"--wait={LOCK_WAIT_SECONDS}", "-t", "nat", "-C", builtin, "-j", ours]
             try:
                 proc = run(check, path=self.search_path)
             except ToolMissing:
-                return not required  # no ip6tables: nothing of ours can be in IPv6
+                return family == 6
             if proc.returncode == 0:
                 continue
-            # No such chain (IPv6 not in use, or disabled) is a loss only where required.
-            return not required and not _jump_missing(proc.stderr)
+            if family == 4 or _jump_missing(proc.stderr):
+                return False
+            return not (required and _chain_missing(proc.stderr, ours))
         return True
 
     def _is_flush(self, batch: str) -> bool:
@@ -249,6 +253,12 @@ class IptablesBackend:
 
 def _ip(family: int) -> str:
     return "ip6tables" if family == 6 else "iptables"
+
+
+def _chain_missing(stderr: str, chain: str) -> bool:
+    """`-C` naming a chain of ours that does not exist: "Chain 'X' does not exist" (nft),
+    "Couldn't load target `X'" (legacy)."""
+    return f"chain '{chain}' does not exist".lower() in stderr.lower() or f"`{chain}'" in stderr
 
 
 def _jump_missing(stderr: str) -> bool:

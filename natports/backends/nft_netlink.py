@@ -65,11 +65,19 @@ def _attrs(buf: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
     found = {}
     while start + 4 <= end:
         size, kind = _ATTR.unpack_from(buf, start)
-        if size < 4:
+        if size < 4 or start + size > end:  # each attribute lies within its parent
             raise Unexpected("malformed netlink attribute")
         found[kind & 0x3FFF] = (start + 4, start + size)
         start += (size + 3) & ~3
     return found
+
+
+def _size(buf: bytes, at: int) -> int:
+    """An attribute's length, which must cover its own header (else a walk never ends)."""
+    size: int = _ATTR.unpack_from(buf, at)[0]
+    if size < 4:
+        raise Unexpected("malformed netlink attribute")
+    return size
 
 
 def _text(buf: bytes, span: tuple[int, int]) -> str:
@@ -144,7 +152,15 @@ class Reader:
 
 
 def decode_elements(name: str, payloads: list[bytes]) -> dict[str, Element]:
-    """The elements of one of nft_render's sets or maps, from its GETSETELEM dump."""
+    """The elements of one of nft_render's sets or maps, from its GETSETELEM dump.
+    Anything malformed raises `Unexpected` (the caller then rebuilds the table)."""
+    try:
+        return _decode_elements(name, payloads)
+    except (struct.error, ValueError) as exc:  # a truncated attribute, a bad address
+        raise Unexpected(f"set {name}: {exc}") from None
+
+
+def _decode_elements(name: str, payloads: list[bytes]) -> dict[str, Element]:
     key_of, value_of = _decoders(name)
     # The kernel writes an element's key first (seen on 6.x): where its
     # two headers are the expected ones, the key is read in place, and only the rest
@@ -208,13 +224,13 @@ def _counter(buf: bytes, elem: dict[int, tuple[int, int]]) -> tuple[int, int] | 
     if 11 in elem:
         at, end = elem[11]
         while at + 4 <= end:
-            size = _ATTR.unpack_from(buf, at)[0]
+            size = _size(buf, at)
             exprs.append((at + 4, at + size))
             at += (size + 3) & ~3
     for start, end in exprs:
         name = data = None
         while start + 4 <= end:  # NFTA_EXPR_NAME, NFTA_EXPR_DATA
-            size, kind = _ATTR.unpack_from(buf, start)
+            size, kind = _size(buf, start), _ATTR.unpack_from(buf, start)[1]
             if kind & 0x3FFF == 1:
                 name = buf[start + 4 : start + size]
             elif kind & 0x3FFF == 2:
@@ -225,7 +241,7 @@ def _counter(buf: bytes, elem: dict[int, tuple[int, int]]) -> tuple[int, int] | 
         found = {}
         at, end = data
         while at + 4 <= end:  # NFTA_COUNTER_BYTES (1), NFTA_COUNTER_PACKETS (2)
-            size, kind = _ATTR.unpack_from(buf, at)
+            size, kind = _size(buf, at), _ATTR.unpack_from(buf, at)[1]
             if size == 12:
                 found[kind & 0x3FFF] = _U64.unpack_from(buf, at + 4)[0]
             at += (size + 3) & ~3
@@ -338,7 +354,10 @@ def _using_reader(timeout: float, work: Callable[[Reader], T]) -> T:
 
 def snapshot(family: str, table: str, sets: list[str], timeout: float = 10.0) -> Snapshot:
     """The table's chains, named sets, other objects, and the elements of `sets`."""
-    return _using_reader(timeout, lambda reader: _read(reader, family, table, sets))
+    try:
+        return _using_reader(timeout, lambda reader: _read(reader, family, table, sets))
+    except (struct.error, ValueError) as exc:  # malformed: as unexpected as a foreign set
+        raise Unexpected(str(exc)) from None
 
 
 def rule_counts(

@@ -200,6 +200,7 @@ class NftBackend:
             rest = args[1:] if json_output else args
             outcome = lib.run(stdin if rest == ["-f", "-"] else " ".join(rest), json_output)
             ok, out, err = outcome.ok, outcome.output, outcome.error.strip()
+            status = "libnftables failed without a message"
         else:
             proc = run(
                 [self.nft, *args],
@@ -207,6 +208,7 @@ class NftBackend:
                 hint="install the nftables package (apt-get install nftables)",
             )
             ok, out, err = proc.returncode == 0, proc.stdout, proc.stderr.strip()
+            status = f"exit status {proc.returncode}"
         if ok:
             return out
         if missing_ok and "No such file or directory" in err:
@@ -216,7 +218,7 @@ class NftBackend:
                 "nft: operation not permitted",
                 "natports needs root (CAP_NET_ADMIN) to change kernel rules",
             )
-        first = err.splitlines()[0] if err else f"exit status {proc.returncode}"
+        first = err.splitlines()[0] if err else status
         raise NatportsError(
             f"nft failed: {first}", "the batch is atomic: nothing was changed (see --dry-run)"
         )

@@ -12,6 +12,7 @@ import struct
 
 import pytest
 
+from natports.backends import nft_netlink
 from natports.backends.nft_netlink import Element, Unexpected, decode_elements
 
 
@@ -42,10 +43,20 @@ FLAGS = attr(3, struct.pack(">I", 0))  # NFTA_SET_ELEM_FLAGS, written before the
 
 
 @pytest.mark.parametrize("first", [b"", FLAGS])
-def test_a_counted_key_reads_the_same_in_either_order(first: bytes) -> None:
+def test_a_counted_key_reads_the_same_in_either_order(
+    first: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walked: list[int] = []  # keys found by the attribute walk, not read in place
+    generic = nft_netlink._value
+    monkeypatch.setattr(
+        nft_netlink,
+        "_value",
+        lambda buf, elem, kind: walked.append(kind) or generic(buf, elem, kind),
+    )
     key = attr(1, value(proto_port(6, 25)))
     found = decode_elements("count_any4", dump("count_any4", first + key + counter(3, 180)))
     assert found == {"tcp . 25": Element(None, (3, 180))}
+    assert walked == ([] if first == b"" else [1])  # the kernel's layout takes the fast path
 
 
 @pytest.mark.parametrize("first", [b"", FLAGS])
@@ -64,3 +75,18 @@ def test_a_key_of_another_length_or_protocol_is_unexpected() -> None:
         decode_elements("count_any4", dump("count_any4", attr(1, value(proto_port(1, 0)))))
     with pytest.raises(Unexpected):
         decode_elements("count_other4", [])
+
+
+def test_malformed_attributes_are_unexpected_not_a_crash_or_a_hang() -> None:
+    key = attr(1, value(proto_port(6, 25)))
+    zero_size = struct.pack("=HH", 0, 1) + b"\0" * 8  # would never advance
+    for element in (
+        key + attr(11, zero_size),  # NFTA_SET_ELEM_EXPRESSIONS with a 0-length entry
+        key + attr(7, attr(1, b"counter\0") + attr(2, zero_size)),
+        key[:-6],  # a key cut short: its port is missing
+    ):
+        with pytest.raises(Unexpected):
+            decode_elements("count_any4", dump("count_any4", element))
+    data = attr(2, value(b"\0" * 5 + proto_port(0, 53)[4:]))  # a 5-byte IPv6 "address"
+    with pytest.raises(Unexpected):
+        decode_elements("dnat_any6", dump("dnat_any6", key + data))

@@ -318,6 +318,37 @@ def test_intact_checks_the_ipv6_jumps_where_our_ipv6_chains_exist(
     assert legacy.intact() is True
 
 
+def test_with_ipv6_routes_only_a_lost_chain_of_ours_is_a_loss(
+    bin_dir: Path, root_caps: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the state holds IPv6 routes a missing IPv6 chain of ours is repaired; what a
+    repair cannot fix (no ip6tables, no IPv6 nat, the xtables lock) is not a loss, or
+    the agent would fail a repair every second."""
+    FakeTool(bin_dir, "iptables-nft")
+    FakeTool(bin_dir, "iptables-nft-save").answer(None, out=save_text("NPTEST"))  # no accept
+    backend = IptablesBackend("nft", prefix="NPTEST", search_path=str(bin_dir))
+    assert backend.intact([MAIL6]) is True  # no ip6tables at all
+    check6 = FakeTool(bin_dir, "ip6tables-nft")
+    check6.answer(None, err="ip6tables v1.8.9 (nf_tables): Chain 'NPTEST-PRE' does not exist", rc=2)
+    assert backend.intact([MAIL6]) is False
+    assert backend.intact([MAIL]) is True
+    check6.answer(None, err="ip6tables: Address family not supported by protocol", rc=3)
+    assert backend.intact([MAIL6]) is True
+    check6.answer(None, err="Another app is currently holding the xtables lock.", rc=4)
+    assert backend.intact([MAIL6]) is True
+    legacy = IptablesBackend("legacy", prefix="NPTEST", search_path=str(bin_dir))
+    FakeTool(bin_dir, "iptables-legacy")
+    FakeTool(bin_dir, "iptables-legacy-save").answer(None, out=save_text("NPTEST"))
+    check6 = FakeTool(bin_dir, "ip6tables-legacy")
+    check6.answer(None, err="ip6tables v1.8.9 (legacy): Couldn't load target `NPTEST-PRE'", rc=2)
+    names = bin_dir / "ip6_tables_names"
+    monkeypatch.setattr(ipt_module, "IP6_TABLES_NAMES", names)
+    names.write_text("nat\nfilter\n")
+    assert legacy.intact([MAIL6]) is False and legacy.intact([MAIL]) is True
+    names.write_text("filter\n")
+    assert legacy.intact([MAIL6]) is True  # no IPv6 nat table to hold anything
+
+
 def test_bad_variant_or_prefix_is_input(bin_dir: Path) -> None:
     with pytest.raises(InputError, match="nft or legacy"):
         IptablesBackend("xt")
