@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,6 @@ from tests.infra import ClientNet, sh
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
 PORT = 23025
-
-
-@pytest.fixture
-def dokku() -> Iterator[DokkuHost]:
-    host = DokkuHost()
-    try:
-        host.install()
-        yield host
-    finally:
-        host.remove()
 
 
 def tags(net: ClientNet, port: int, count: int = 1) -> set[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,6 @@ PORT = 23125
 PREFIX = NFT_TABLE.upper()  # the test installation's iptables chain prefix
 XTABLES = ("iptables-nft", "ip6tables-nft", "iptables-legacy", "ip6tables-legacy")
 COUNTERS = re.compile(r"\[\d+:\d+\]")
-
-
-@pytest.fixture
-def dokku() -> Iterator[DokkuHost]:
-    host = DokkuHost()
-    try:
-        host.install()
-        yield host
-    finally:
-        host.remove()
 
 
 def xtables() -> dict[str, tuple[list[str], list[str]]]:
