@@ -31,14 +31,12 @@ alone (docs/forwarding.md says what passes then).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from .backends.nft_render import CT_MARK
 from .errors import NatportsError
 from .runner import ToolMissing, run
-
-IP6_TABLES_NAMES = Path("/proc/net/ip6_tables_names")  # legacy ip6 tables the kernel loaded
+from .xtables import legacy6_loaded
 
 USER_CHAIN = "DOCKER-USER"
 Mode = Literal["docker-user", "publish"]
@@ -151,7 +149,7 @@ class Forwarding:
         return exact
 
     def live(self) -> Filter:
-        if self.v6 and self.legacy and not _legacy_filter6_loaded():
+        if self.v6 and self.legacy and not legacy6_loaded("filter"):
             return Filter(False, 0, (), False)  # reading it would load the module; nothing there
         return parse(self._run("save", ["-t", "filter"]), self.prefix)
 
@@ -184,7 +182,7 @@ class Forwarding:
 
     def forward_policy(self) -> str | None:
         """FORWARD's policy (ACCEPT, DROP) as -save prints it; None: no filter table there."""
-        if self.v6 and self.legacy and not _legacy_filter6_loaded():
+        if self.v6 and self.legacy and not legacy6_loaded("filter"):
             return None
         for line in self._run("save", ["-t", "filter"]).splitlines():
             if line.startswith(":FORWARD "):
@@ -204,10 +202,3 @@ class Forwarding:
                 "natports keeps needing -p 127.0.0.1::PORT for its containers",
             )
         return proc.stdout
-
-
-def _legacy_filter6_loaded() -> bool:
-    try:
-        return "filter" in IP6_TABLES_NAMES.read_text().split()
-    except OSError:
-        return False

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .runner import Result, probe
+from .xtables import legacy6_loaded
 
 CAP_NET_ADMIN = 12
 
@@ -85,13 +86,6 @@ def check_iptables() -> Check:
     return Check("iptables", True, f"iptables works, variant {variant}")
 
 
-def _legacy6_loaded(table: str) -> bool:
-    try:
-        return table in Path("/proc/net/ip6_tables_names").read_text().split()
-    except OSError:
-        return False
-
-
 def check_ip6tables() -> Check:
     """What the iptables backend needs for IPv6 routes (IPv4 routes do not need it)."""
     variant = iptables_variant()
@@ -103,7 +97,7 @@ def check_ip6tables() -> Check:
             f"{restore} not found: the iptables backend cannot route IPv6",
             "apt-get install iptables (IPv4 routes do not need it)",
         )
-    if variant == "legacy" and not _legacy6_loaded("nat"):
+    if variant == "legacy" and not legacy6_loaded("nat"):
         return Check(
             "ip6tables", True, "ip6tables present (legacy); its nat table loads at the first route"
         )

@@ -19,7 +19,6 @@ tables from that state, completes it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 from ..errors import InputError, NatportsError
@@ -27,13 +26,13 @@ from ..forwarding import Forwarding
 from ..model import Route
 from ..probes import check_cap_net_admin
 from ..runner import ToolMissing, run
+from ..xtables import legacy6_loaded
 from . import ipt_render
 from .ipt_render import Layout, LiveNat, LiveTables
 
 Variant = Literal["nft", "legacy"]
 VARIANTS: dict[str, Variant] = {"nft": "nft", "legacy": "legacy"}  # str -> Variant, checked
 LOCK_WAIT_SECONDS = 30  # bounded -w: a stuck lock holder yields an error, not a hang
-IP6_TABLES_NAMES = Path("/proc/net/ip6_tables_names")  # legacy ip6 tables the kernel has loaded
 
 
 class IptablesBackend:
@@ -185,12 +184,7 @@ class IptablesBackend:
 
     def _v6_readable(self) -> bool:
         """Legacy: reading the IPv6 nat table would load its module; unloaded, it holds nothing."""
-        if self.variant != "legacy":
-            return True
-        try:
-            return "nat" in IP6_TABLES_NAMES.read_text().split()
-        except OSError:
-            return False
+        return self.variant != "legacy" or legacy6_loaded("nat")
 
     def route_id(self, route: Route) -> str:
         return self.layout.route_chain(route)

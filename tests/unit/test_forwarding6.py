@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from natports import forwarding, probes
+from natports import probes, xtables
 from natports.forwarding import Forwarding
 from tests.unit.fakes import FakeTool, only_fake_tools
 
@@ -70,7 +70,7 @@ def test_legacy_ipv6_filter_not_loaded_is_not_read(
     """Reading a legacy table loads its module: an unloaded IPv6 filter holds nothing."""
     names = bin_dir / "ip6_tables_names"
     names.write_text("nat\n")
-    monkeypatch.setattr(forwarding, "IP6_TABLES_NAMES", names)
+    monkeypatch.setattr(xtables, "IP6_TABLES_NAMES", names)
     FakeTool(bin_dir, "iptables-legacy-save").answer(None, out=DOCKER_USER)
     save6 = FakeTool(bin_dir, "ip6tables-legacy-save").answer(None, out=DOCKER_USER)
     FakeTool(bin_dir, "iptables-legacy-restore")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from natports import xtables
 from natports.backends import iptables as ipt_module
 from natports.backends.ipt_render import V6_MARK, split_batch
 from natports.backends.iptables import LOCK_WAIT_SECONDS, IptablesBackend
@@ -309,7 +310,7 @@ def test_intact_checks_the_ipv6_jumps_where_our_ipv6_chains_exist(
     check6 = FakeTool(bin_dir, "ip6tables-legacy")
     check6.answer(None, err="ip6tables: No chain/target/match by that name.\n", rc=1)
     names = bin_dir / "ip6_tables_names"
-    monkeypatch.setattr(ipt_module, "IP6_TABLES_NAMES", names)
+    monkeypatch.setattr(xtables, "IP6_TABLES_NAMES", names)
     names.write_text("filter\n")
     assert legacy.intact() is True and check6.calls == []  # nat not loaded: not read
     names.write_text("nat\nfilter\n")
@@ -342,7 +343,7 @@ def test_with_ipv6_routes_only_a_lost_chain_of_ours_is_a_loss(
     check6 = FakeTool(bin_dir, "ip6tables-legacy")
     check6.answer(None, err="ip6tables v1.8.9 (legacy): Couldn't load target `NPTEST-PRE'", rc=2)
     names = bin_dir / "ip6_tables_names"
-    monkeypatch.setattr(ipt_module, "IP6_TABLES_NAMES", names)
+    monkeypatch.setattr(xtables, "IP6_TABLES_NAMES", names)
     names.write_text("nat\nfilter\n")
     assert legacy.intact([MAIL6]) is False and legacy.intact([MAIL]) is True
     names.write_text("filter\n")
