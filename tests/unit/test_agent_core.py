@@ -232,16 +232,27 @@ def test_a_process_start_time_tells_a_reused_pid_apart(tmp_path: Path) -> None:
 # -- metrics ---------------------------------------------------------------------------------
 
 
+def status_row(
+    app: str, backend: str, protocol: str, port: int, flows: list[dict[str, object]] | None
+) -> dict[str, object]:
+    """One row as `status --json` gives it to the metrics renderer."""
+    return {
+        "app": app,
+        "backend": backend,
+        "protocol": protocol,
+        "public_port": port,
+        "flows": flows,
+    }
+
+
+def flow_json(ip: str, port: int, tcp: int = 0, udp: int = 0) -> dict[str, object]:
+    return {"ip": ip, "port": port, "tcp_established": tcp, "udp": udp}
+
+
 def test_metrics_text() -> None:
-    rows: list[dict[str, object]] = [
-        {
-            "app": 'we"ird',
-            "backend": "nftables",
-            "protocol": "tcp",
-            "public_port": 25,
-            "flows": [{"ip": "172.17.0.2", "port": 5025, "tcp_established": 3, "udp": 0}],
-        },
-        {"app": "dns", "backend": "proxy", "protocol": "udp", "public_port": 53, "flows": None},
+    rows = [
+        status_row('we"ird', "nftables", "tcp", 25, [flow_json("172.17.0.2", 5025, tcp=3)]),
+        status_row("dns", "proxy", "udp", 53, None),
     ]
     counters = AgentCounters(resyncs=2, repairs=1)
     counters.applied("dns", 0.25)
@@ -278,14 +289,8 @@ def test_a_ranges_flows_are_matched_by_offset() -> None:
 
 
 def test_proxy_counts_become_metrics() -> None:
-    row: dict[str, object] = {
-        "app": "dns",
-        "backend": "proxy",
-        "protocol": "udp",
-        "public_port": 53,
-        "flows": None,
-        "proxy": {"open_connections": 0, "udp_flows": 4, "refused": {"route_max_udp_flows": 9}},
-    }
+    row = status_row("dns", "proxy", "udp", 53, None)
+    row["proxy"] = {"open_connections": 0, "udp_flows": 4, "refused": {"route_max_udp_flows": 9}}
     lines = render_rows([row], None).splitlines()
     assert 'natports_proxy_udp_flows{app="dns",protocol="udp",public_port="53"} 4' in lines
     assert (
@@ -295,15 +300,7 @@ def test_proxy_counts_become_metrics() -> None:
 
 
 def test_metrics_target_of_a_v6_backend_is_bracketed() -> None:
-    rows: list[dict[str, object]] = [
-        {
-            "app": "six",
-            "backend": "nftables",
-            "protocol": "udp",
-            "public_port": 53,
-            "flows": [{"ip": "fd77:1::2", "port": 5025, "tcp_established": 0, "udp": 1}],
-        }
-    ]
+    rows = [status_row("six", "nftables", "udp", 53, [flow_json("fd77:1::2", 5025, udp=1)])]
     assert (
         'natports_flows{app="six",protocol="udp",public_port="53",'
         'target="[fd77:1::2]:5025",state="active"} 1'

@@ -13,7 +13,6 @@ import pytest
 
 from natports.backends.ipt_render import (
     V6_MARK,
-    Layout,
     LiveNat,
     LiveTables,
     join_batch,
@@ -24,13 +23,21 @@ from natports.backends.ipt_render import (
     render_reconcile_tables,
     split_batch,
 )
-from natports.model import Protocol, Route, RouteKey
+from natports.model import Route, RouteKey
 from tests.unit.routes import route
-from tests.unit.test_ipt_render import CHAT, HEAD, HEAD_FRESH, HOOKS, MAIL, MAIL_25, SKELETON_RULES
+from tests.unit.test_ipt_render import (
+    CHAT,
+    HEAD,
+    HEAD_FRESH,
+    HOOKS,
+    LAYOUT,
+    MAIL,
+    MAIL_25,
+    SKELETON_RULES,
+    TCP,
+    UDP,
+)
 
-TCP = Protocol.TCP
-UDP = Protocol.UDP
-LAYOUT = Layout()
 EMPTY = LiveTables()
 
 # Chain names, written out: they must never change between versions.
@@ -98,6 +105,17 @@ def mail6_rules(counters: str = "") -> str:
 
 DISPATCH_MAIL = f'-A NATPORTS-DISPATCH -m comment --comment "mail" -j {MAIL}\n'
 
+# The IPv6 table's batch when mail's IPv6 route is all it will hold, from nothing.
+MAIL6_FROM_NOTHING = (
+    FRESH
+    + f":{MAIL} - [0:0]\n:{MAIL6_25} - [0:0]\n"
+    + SKELETON6
+    + DISPATCH_MAIL
+    + mail6_rules()
+    + HOOKS
+    + "COMMIT\n"
+)
+
 
 def test_an_app_on_both_families_is_one_batch_for_each_table() -> None:
     batch = render_app_tables(LAYOUT, EMPTY, [], [mail6(), mail4()])
@@ -115,13 +133,7 @@ def test_an_app_on_both_families_is_one_batch_for_each_table() -> None:
         + HOOKS
         + "COMMIT\n"
         + "# IPv6: ip6tables-restore --noflush\n"
-        + FRESH
-        + f":{MAIL} - [0:0]\n:{MAIL6_25} - [0:0]\n"
-        + SKELETON6
-        + DISPATCH_MAIL
-        + mail6_rules()
-        + HOOKS
-        + "COMMIT\n"
+        + MAIL6_FROM_NOTHING
     )
     v4, v6 = split_batch(batch)
     assert v4.endswith("COMMIT\n") and MAIL6_25 not in v4 and "fd00" not in v4
@@ -139,13 +151,7 @@ def test_an_ipv6_only_app_keeps_the_ipv4_skeleton_as_the_anchor() -> None:
         + HOOKS
         + f"-X {MAIL}\nCOMMIT\n"
         + f"{V6_MARK}\n"
-        + FRESH
-        + f":{MAIL} - [0:0]\n:{MAIL6_25} - [0:0]\n"
-        + SKELETON6
-        + DISPATCH_MAIL
-        + mail6_rules()
-        + HOOKS
-        + "COMMIT\n"
+        + MAIL6_FROM_NOTHING
     )
 
 
