@@ -179,7 +179,7 @@ def repair(ctx: Context) -> list[str]:
     for name, routes in sorted(by_backend.items()):
         backend = ctx.backend_named(name)
         if not backend.intact(routes):
-            backend.run(backend.plan_reconcile(routes))
+            backend.run(backend.plan_reconcile(routes, describe=False))
             repaired.append(name)
     return repaired
 
@@ -205,7 +205,11 @@ def apply_all_unlocked(ctx: Context, dry_run: bool = False) -> ApplyReport:
             failed[app] += f"\n{ports}: now routed to another app"
     every = [r for routes in desired.values() for r in routes]
     # Nothing to route at all: no table either, rather than an empty one.
-    batch = ctx.backend.plan_reconcile(every) if every else ctx.backend.plan_flush_all()
+    batch = (
+        ctx.backend.plan_reconcile(every, describe=dry_run)
+        if every
+        else ctx.backend.plan_flush_all()
+    )
     if not dry_run:
         moved = _elsewhere(ctx, configured)
         # A broken app still served by another backend stays there until it works.

@@ -2,7 +2,9 @@
 
 A backend turns routes into a *batch* (text a person can read with --dry-run) and
 runs a batch as one atomic step. Planning may read the backend's own live state;
-it never reads or writes anything natports does not own.
+it never reads or writes anything natports does not own. A full apply that nobody
+reads (`describe=False`) may stand for its change with a one-line summary: the
+backend then applies it by a way that has no text (nftables: a netlink batch).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ class RouteBackend(Protocol):
         """Switch one app from `previous` to `desired`, touching no other app's objects."""
         ...
 
-    def plan_reconcile(self, desired: Sequence[Route]) -> str:
-        """Make everything this backend holds exactly `desired` (drift included)."""
+    def plan_reconcile(self, desired: Sequence[Route], describe: bool = True) -> str:
+        """Make everything this backend holds exactly `desired` (drift included).
+        `describe=False`: only `run` reads the batch (not a --dry-run)."""
         ...
 
     def plan_flush_all(self) -> str:

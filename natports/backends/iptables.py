@@ -76,7 +76,7 @@ class IptablesBackend:
     def plan_app(self, previous: Sequence[Route], desired: Sequence[Route]) -> str:
         return ipt_render.render_app_tables(self.layout, self.lives(), previous, desired)
 
-    def plan_reconcile(self, desired: Sequence[Route]) -> str:
+    def plan_reconcile(self, desired: Sequence[Route], describe: bool = True) -> str:
         return ipt_render.render_reconcile_tables(self.layout, self.lives(), desired)
 
     def plan_flush_all(self) -> str:

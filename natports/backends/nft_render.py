@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..model import IPAddress, Route, RouteKey, host_text
+from . import nft_wire
+from .nft_wire import Change, Element
 
 TABLE = "inet natports"  # family and name; tests use another name to stay apart
 HAIRPIN_MARK = 0x00100000  # packet mark bit: masquerade this flow in postrouting
@@ -127,6 +129,26 @@ def skeleton_rules(table: str = TABLE) -> dict[str, int]:
 
 
 def _skeleton(table: str) -> list[str]:
+    """The skeleton; its last rule carries `skeleton_marker` (a digest of the rest)."""
+    lines = _unmarked_skeleton(table)
+    return [*lines[:-1], f'{lines[-1]} comment "{_marker(lines)}"']
+
+
+def skeleton_marker(table: str = TABLE) -> str:
+    """The comment on the skeleton's last rule: a digest of the skeleton's text.
+
+    Rules in place are not refilled (a switch, a full apply) when their chains hold as
+    many rules as the skeleton puts there and this comment is among them: a natports
+    whose skeleton differs (an upgrade) refills them, as after a flush.
+    """
+    return _marker(_unmarked_skeleton(table))
+
+
+def _marker(lines: list[str]) -> str:
+    return f"natports skeleton {_digest(chr(10).join(lines))}"
+
+
+def _unmarked_skeleton(table: str) -> list[str]:
     lines = [f"add table {table}"]
     for f in FAMILIES:
         a = _addr_type(f)
@@ -291,7 +313,7 @@ def _hairpin_lines(routes: Iterable[Route], table: str) -> list[str]:
     """Subnets are shared by apps: added here, removed only by a reconcile."""
     lines = []
     for f in FAMILIES:
-        subnets = sorted({s for r in routes if r.key.family == f for s in r.hairpin_subnets})
+        subnets = _subnets(routes, f)
         if subnets:
             lines.append(f"add element {table} hairpin{f} {{ {', '.join(subnets)} }}")
     return lines
@@ -329,16 +351,19 @@ def render_app(
 class LiveTable:
     """What reconciling needs from the kernel.
 
-    `counters`: route_id -> (packets, bytes), to carry them over a rebuild.
-    `elements`: set or map name -> element key text -> value text (None in a set), for
-    every name in `element_sets()`, and `chains`: the table's chains. Both come from an
-    exact read of a table holding only what this renderer makes; when that read was not
-    possible, `elements` is None and reconciling rebuilds the table.
+    `counters`: route_id -> (packets, bytes), to carry them over a rebuild, when the
+    table could not be read exactly. Otherwise `elements`: set or map name -> element
+    key -> element (its value and counter, in the kernel's bytes: nft_wire), for every
+    name in `element_sets()`; `chains`: the table's chains; `hairpin`: family -> the
+    address ranges its hairpin set holds; `rules_in_place`: the skeleton's chains hold
+    as many rules as it puts there (then they are not refilled, as in a switch).
     """
 
     counters: dict[str, tuple[int, int]]
-    elements: dict[str, dict[str, str | None]] | None = None
+    elements: dict[str, dict[bytes, Element]] | None = None
     chains: frozenset[str] = frozenset()
+    hairpin: dict[int, list[tuple[int, int]]] | None = None
+    rules_in_place: bool = False
 
 
 SKELETON_CHAINS = frozenset({"dispatch", "prerouting", "output", "postrouting"})
@@ -354,13 +379,12 @@ def element_sets() -> list[str]:
     ]
 
 
+def hairpin_sets() -> list[str]:
+    return [f"hairpin{f}" for f in FAMILIES]
+
+
 def skeleton_sets() -> frozenset[str]:
-    return frozenset([*element_sets(), *(f"hairpin{f}" for f in FAMILIES)])
-
-
-def _item(key: str, value: str | None) -> str:
-    """An element as `add element` names it: `key` in a set, `key : value` in a map."""
-    return key if value is None else f"{key} : {value}"
+    return frozenset([*element_sets(), *hairpin_sets()])
 
 
 def _with_counter(item: str, found: tuple[int, int] | None) -> str:
@@ -371,32 +395,58 @@ def _with_counter(item: str, found: tuple[int, int] | None) -> str:
     return f"{key} counter packets {found[0]} bytes {found[1]}{sep}{value}"
 
 
-def wanted(desired: Sequence[Route]) -> tuple[dict[str, dict[str, str | None]], list[Route]]:
+# name -> key -> (value, the route it is for); keys and values in nft_wire's bytes
+Wanted = dict[str, dict[bytes, tuple[bytes | None, Route]]]
+
+
+def wanted(desired: Sequence[Route]) -> tuple[Wanted, list[Route]]:
     """set -> key -> value of `desired`, and the routes that need a chain (sorted)."""
-    want: dict[str, dict[str, str | None]] = {name: {} for name in element_sets()}
+    want: Wanted = {name: {} for name in element_sets()}
     chained = []
     for route in sorted(desired, key=Route.sort_key):
-        key, where, how = element_key(route.key), scope(route.key), kind(route)
+        key, where, how = nft_wire.key_bytes(route.key), scope(route.key), kind(route)
         if how != "range":
-            want[f"count_{where}"][key] = None
+            want[f"count_{where}"][key] = (None, route)
         if not route.backends:
             continue
         if how == "dnat":
-            want[f"dnat_{where}"][key] = _dnat_value(route)
+            want[f"dnat_{where}"][key] = (nft_wire.dnat_bytes(route), route)
         else:
-            want[f"{how}_{where}"][key] = f"goto {chain_name(route.app, route.key)}"
+            chain = chain_name(route.app, route.key)
+            want[f"{how}_{where}"][key] = (nft_wire.goto_bytes(chain), route)
             chained.append(route)
     return want, chained
+
+
+def _item_of(name: str, route: Route) -> str:
+    """A route's element in set `name`, as `add element` writes it."""
+    return element_key(route.key) if name.startswith("count_") else _element(route)
+
+
+_ABSENT = b"absent"  # a value no element holds: the kernel's are 8, 20 or a chain's name
+_NOTHING = Element(_ABSENT, None)
+
+
+def _diff(
+    held: dict[bytes, Element], target: dict[bytes, tuple[bytes | None, Route]]
+) -> tuple[list[bytes], dict[bytes, tuple[bytes | None, Route]]]:
+    """(keys held that go or change value, elements to add)."""
+    absent = (_ABSENT, None)
+    gone = [key for key, element in held.items() if target.get(key, absent)[0] != element.value]
+    if not held:
+        return gone, target
+    return gone, {k: t for k, t in target.items() if held.get(k, _NOTHING).value != t[0]}
 
 
 def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
     """Make the whole table exactly `desired`, whatever it held (drift included).
 
     With an exact read of the table (`live.elements`), one transaction changes only
-    what differs: elements that stay are not touched, so their counters keep counting
-    (the skeleton's chains and the route chains are refilled, hairpin sets refilled
-    whole). Without one, the transaction deletes the table and builds it again, so
-    nothing stale can survive; counters are carried over from what the kernel held.
+    what differs: elements that stay are not touched, so their counters keep counting;
+    the route chains are refilled, and the skeleton's rules and the hairpin sets where
+    the read found them changed. Without one, the transaction deletes the table and
+    builds it again, so nothing stale can survive; counters are carried over from what
+    the kernel held.
     """
     if live is not None and live.elements is not None:
         return _render_changes(live, desired, table)
@@ -405,50 +455,92 @@ def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: st
 
 def _render_changes(live: LiveTable, desired: Sequence[Route], table: str) -> str:
     assert live.elements is not None
-    return _render_elements(live.elements, live.counters, live.chains, desired, table, fresh=False)
-
-
-def _render_elements(
-    held_by_set: dict[str, dict[str, str | None]],
-    counters: dict[str, tuple[int, int]],
-    chains: frozenset[str],
-    desired: Sequence[Route],
-    table: str,
-    fresh: bool,
-) -> str:
-    """The batch that turns a table holding `held_by_set` and `chains` into `desired`.
-
-    `fresh`: the batch has just created the table (a rebuild), so nothing is held.
-    """
     want, chained = wanted(desired)
-    lines = skeleton(table)
-    if not fresh:
-        lines += [f"flush set {table} hairpin{f}" for f in FAMILIES]
-    lines += _hairpin_lines(desired, table)
+    lines = skeleton(table, refill=not live.rules_in_place)
+    if not _hairpin_in_place(live, desired):
+        lines += [f"flush set {table} {name}" for name in hairpin_sets()]
+        lines += _hairpin_lines(desired, table)
     adds: list[str] = []
     for name in element_sets():
-        held, target = held_by_set.get(name, {}), want[name]
-        gone = [key for key, value in held.items() if target.get(key, "") != value]
-        refill = len(gone) > 64 and len(gone) * 2 > len(held)  # mostly replaced
-        if refill:
+        held = live.elements.get(name, {})
+        gone, target = _diff(held, want[name])
+        if len(gone) > 64 and len(gone) * 2 > len(held):  # mostly replaced
             # One flush and the whole list parse far faster than naming each key
             # to delete; the counters of the elements that stay are carried over.
             lines.append(f"flush {'set' if name.startswith('count_') else 'map'} {table} {name}")
+            target = want[name]
         elif gone:
-            lines.append(f"delete element {table} {name} {{ {', '.join(gone)} }}")
-        if held and not refill:
-            target = {key: value for key, value in target.items() if held.get(key, "") != value}
-        if not target:
-            continue
-        found = counters.get
-        new = [_with_counter(_item(k, v), found(f"{name}:{k}")) for k, v in target.items()]
-        adds.append(f"add element {table} {name} {{ {', '.join(new)} }}")
+            where = name.partition("_")[2]
+            keys = ", ".join(nft_wire.key_text(where, key) for key in gone)
+            lines.append(f"delete element {table} {name} {{ {keys} }}")
+        if target:
+            items = []
+            for key, (_, route) in target.items():
+                counter = held[key].counter if key in held else None
+                items.append(_with_counter(_item_of(name, route), counter))
+            adds.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     keep = {chain_name(r.app, r.key) for r in chained}
-    for name in sorted(chains - SKELETON_CHAINS - keep):
+    for name in sorted(live.chains - SKELETON_CHAINS - keep):
         lines += [f"flush chain {table} {name}", f"delete chain {table} {name}"]
     for route in chained:
         lines += _chain_lines(route, table)
     return "\n".join([*lines, *adds]) + "\n"
+
+
+def _hairpin_in_place(live: LiveTable, desired: Sequence[Route]) -> bool:
+    if live.hairpin is None:
+        return False
+    return all(
+        live.hairpin.get(f, []) == nft_wire.ranges_of_subnets(_subnets(desired, f))
+        for f in FAMILIES
+    )
+
+
+def _subnets(routes: Iterable[Route], family: int) -> list[str]:
+    return sorted({s for r in routes if r.key.family == family for s in r.hairpin_subnets})
+
+
+def element_changes(live: LiveTable | None, desired: Sequence[Route]) -> list[Change] | None:
+    """`render_reconcile`'s change as nft_wire changes, when it is only elements: a
+    netlink batch applies them in one transaction, without nft's parser.
+
+    None when the change needs more (a rebuild, the skeleton's rules or a hairpin set
+    to refill, route chains: rules are written by nft only).
+    """
+    if live is None or live.elements is None or not live.rules_in_place:
+        return None
+    want, chained = wanted(desired)
+    if chained or live.chains != SKELETON_CHAINS or not _hairpin_in_place(live, desired):
+        return None
+    changes = []
+    for name in element_sets():
+        gone, target = _diff(live.elements.get(name, {}), want[name])
+        if gone or target:
+            added = tuple((key, value) for key, (value, _) in target.items())
+            changes.append(Change(name, tuple(gone), added))
+    return changes
+
+
+def render_build(desired: Sequence[Route], table: str = TABLE) -> tuple[str, list[Change]]:
+    """A table built from nothing, in two parts: nft text for everything but the route
+    elements (the skeleton, hairpin sets, route chains), then the elements as netlink
+    changes.
+
+    For a table that did not exist when planned: between the two transactions it
+    routes nothing, as before the first (its maps are empty). Like a rebuild, the first
+    deletes a table that appeared since.
+    """
+    want, chained = wanted(desired)
+    lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
+    lines += _hairpin_lines(desired, table)
+    for route in chained:
+        lines += _chain_lines(route, table)
+    changes = [
+        Change(name, (), tuple((key, value) for key, (value, _) in want[name].items()))
+        for name in element_sets()
+        if want[name]
+    ]
+    return "\n".join(lines) + "\n", changes
 
 
 def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
@@ -458,8 +550,19 @@ def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str 
     than as many statements.
     """
     counters = {} if live is None else live.counters
-    rebuilt = _render_elements({}, counters, frozenset(), desired, table, fresh=True)
-    return f"add table {table}\ndelete table {table}\n{rebuilt}"
+    want, chained = wanted(desired)
+    lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
+    lines += _hairpin_lines(desired, table)
+    for route in chained:
+        lines += _chain_lines(route, table)
+    for name in element_sets():
+        if want[name]:
+            items = [
+                _with_counter(_item_of(name, r), counters.get(f"{name}:{element_key(r.key)}"))
+                for _, r in want[name].values()
+            ]
+            lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
+    return "\n".join(lines) + "\n"
 
 
 def render_flush_all(table: str = TABLE) -> str:

@@ -7,13 +7,14 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NatportsError
 from ..forwarding import Forwarding
 from ..model import Route
 from ..runner import DEFAULT_TIMEOUT, run
-from . import libnft, nft_netlink, nft_render
+from . import libnft, nft_netlink, nft_render, nft_wire
 from .nft_render import LiveTable
 
 
@@ -37,8 +38,8 @@ class NftBackend:
             direct = os.environ.get("NATPORTS_NFT") != "binary"
         self.direct = direct
         self.netlink = direct
-        # The last incremental reconcile planned, and what its fallback rebuild needs.
-        self._rebuild: tuple[str, LiveTable, tuple[Route, ...]] | None = None
+        # The last full apply planned: its batch text, and how `run` applies it.
+        self._planned: _Planned | None = None
         self.forwarding = forwarding  # None: leave Docker's filter alone (-p needed)
         self._forwards: bool | None = None
 
@@ -64,17 +65,39 @@ class NftBackend:
         """The switch; it refills the skeleton's rules only when they are not in place."""
         return nft_render.render_app(previous, desired, self.table, not self._skeleton_in_place())
 
-    def plan_reconcile(self, desired: Sequence[Route]) -> str:
+    def plan_reconcile(self, desired: Sequence[Route], describe: bool = True) -> str:
         """Only the differences, when the table could be read exactly; else a rebuild.
 
-        `run` of the returned batch falls back to the rebuild if the kernel refuses the
-        changes (a set redefined by someone else): each is one transaction.
+        The batch text says what changes (a --dry-run prints it). `run` applies it as
+        one transaction, falling back to the rebuild if the kernel refuses the changes
+        (a set redefined by someone else). Unless a person reads it (`describe`), a
+        change of elements only is a netlink batch instead, and a table that does not
+        exist is built in two steps (`_run_over_netlink`): the batch is then a one-line
+        summary, and the text is rendered only if nft has to run it after all.
         """
         live = self.live()
-        batch = nft_render.render_reconcile(live, desired, self.table)
-        if live is not None and live.elements is not None:
-            self._rebuild = (batch, live, tuple(desired))  # rendered only if needed
-        return batch
+        planned = None
+        if not describe and self.netlink:
+            planned = self._plan_over_netlink(live, tuple(desired))
+        if planned is None:
+            text = nft_render.render_reconcile(live, desired, self.table)
+            planned = _Planned(text, live, tuple(desired))
+        self._planned = planned
+        return planned.batch
+
+    def _plan_over_netlink(
+        self, live: LiveTable | None, desired: tuple[Route, ...]
+    ) -> _Planned | None:
+        if live is None:
+            summary = f"# {self.table}: built for {len(desired)} routes, elements over netlink\n"
+            return _Planned(summary, live, desired)
+        changes = nft_render.element_changes(live, desired)
+        if changes is None:
+            return None
+        added = sum(len(c.add) for c in changes)
+        deleted = sum(len(c.delete) for c in changes)
+        summary = f"# {self.table}: {added} elements added, {deleted} deleted over netlink\n"
+        return _Planned(summary, live, desired, changes)
 
     def plan_flush_all(self) -> str:
         return nft_render.render_flush_all(self.table)
@@ -86,47 +109,86 @@ class NftBackend:
         flush = batch == self.plan_flush_all()
         if self.forwarding and not flush and self.forwards_unpublished():
             self.forwarding.ensure_once()  # before the DNAT rules that rely on it
-        try:
+        planned, self._planned = self._planned, None
+        if planned is None or planned.batch != batch:
             self._nft(["-f", "-"], batch)
-        except NatportsError:
-            if self._rebuild is None or self._rebuild[0] != batch:
-                raise
-            _, live, desired = self._rebuild  # the exact rebuild, counters carried
-            self._nft(["-f", "-"], nft_render.render_rebuild(live, desired, self.table))
-        finally:
-            self._rebuild = None
+        elif not (planned.over_netlink and self._run_over_netlink(planned)):
+            self._run_text(planned)
         if self.forwarding is not None and flush:
             self.forwarding.remove()  # nothing of natports is left to accept
 
+    def _run_text(self, planned: _Planned) -> None:
+        batch = planned.batch
+        if planned.over_netlink:  # a summary: the text it stands for
+            batch = nft_render.render_reconcile(planned.live, planned.desired, self.table)
+        try:
+            self._nft(["-f", "-"], batch)
+        except NatportsError:
+            if planned.live is None or planned.live.elements is None:
+                raise  # it was the rebuild
+            rebuild = nft_render.render_rebuild(planned.live, planned.desired, self.table)
+            self._nft(["-f", "-"], rebuild)  # counters carried
+
+    def _run_over_netlink(self, planned: _Planned) -> bool:
+        """The planned change through netlink; False: not done (nothing changed).
+
+        A change of elements only is one netlink batch. A table that does not exist is
+        built in two transactions: nft text for its skeleton and route chains (small),
+        then every element as one netlink batch. Between them the table routes nothing,
+        as before the first; if the second fails, the table is deleted again.
+        """
+        family, name = self.table.split()
+        if planned.live is None:
+            text, elements = nft_render.render_build(planned.desired, self.table)
+            self._nft(["-f", "-"], text)
+            try:
+                nft_netlink.commit(family, name, elements, DEFAULT_TIMEOUT)
+            except (nft_netlink.Unexpected, OSError):
+                self._nft(["-f", "-"], self.plan_flush_all())  # as it was: no table
+                return False
+            return True
+        try:
+            nft_netlink.commit(family, name, planned.changes or [], DEFAULT_TIMEOUT)
+        except (nft_netlink.Unexpected, OSError):
+            return False
+        return True
+
     def live(self) -> LiveTable | None:
         """What reconciling needs (None: no table): an exact read of the table's
-        elements and chains through netlink, or, if that fails or finds anything the
-        renderer does not make, only the counters (then reconciling rebuilds)."""
+        elements, chains and hairpin sets through netlink, or, if that fails or finds
+        anything the renderer does not make, only the counters (then reconciling
+        rebuilds)."""
         family, name = self.table.split()
         try:
             if not self.netlink:
                 raise nft_netlink.Unexpected("netlink reads are off")
-            snap = nft_netlink.snapshot(family, name, nft_render.element_sets(), DEFAULT_TIMEOUT)
+            snap = nft_netlink.snapshot(
+                family,
+                name,
+                nft_render.element_sets(),
+                nft_render.hairpin_sets(),
+                DEFAULT_TIMEOUT,
+            )
         except (nft_netlink.Unexpected, OSError):
             if not self._chains():
                 return None
             return LiveTable(self.counters())
         if not snap.chains:
             return None
-        counters = _snapshot_counters(snap)
         exact = (
-            snap.sets == nft_render.skeleton_sets()
+            all(snap.shapes.get(s) == nft_wire.shape(s) for s in nft_render.skeleton_sets())
+            and snap.sets == nft_render.skeleton_sets()
             and not snap.others
             and snap.chains >= nft_render.SKELETON_CHAINS
             and all(c.startswith("r_") for c in snap.chains - nft_render.SKELETON_CHAINS)
         )
         if not exact:
-            return LiveTable(counters)
-        elements = {
-            set_name: {key: e.value for key, e in found.items()}
-            for set_name, found in snap.elements.items()
+            return LiveTable(_snapshot_counters(snap))
+        hairpin = {
+            int(set_name[-1]): nft_wire.ranges_of_elements(listed)
+            for set_name, listed in snap.intervals.items()
         }
-        return LiveTable(counters, elements, snap.chains)
+        return LiveTable({}, snap.elements, snap.chains, hairpin, self._skeleton_in_place())
 
     def intact(self, routes: Sequence[Route] = ()) -> bool:
         """One cheap read: the skeleton's chains exist (with netlink reads: and hold as
@@ -151,15 +213,20 @@ class NftBackend:
         return self.forwarding.in_place()  # a firewall reload flushes DOCKER-USER too
 
     def _skeleton_in_place(self) -> bool:
-        """Do the skeleton's chains hold its number of rules? False if it cannot tell."""
+        """Do the skeleton's chains hold its number of rules, this natports' marker among
+        them (nft_render.skeleton_marker)? False if it cannot tell."""
         if not self.netlink:
             return False  # the nft binary reads more slowly than a refill costs
         family, name = self.table.split()
         want = nft_render.skeleton_rules(self.table)
         try:
-            return nft_netlink.rule_counts(family, name, sorted(want), DEFAULT_TIMEOUT) == want
+            found = nft_netlink.rules(family, name, sorted(want), DEFAULT_TIMEOUT)
         except (nft_netlink.Unexpected, OSError):
             return False
+        marker = nft_render.skeleton_marker(self.table).encode()
+        return {chain: len(listed) for chain, listed in found.items()} == want and any(
+            marker in rule for listed in found.values() for rule in listed
+        )
 
     def _chains(self) -> set[str]:
         family, name = self.table.split()
@@ -180,7 +247,8 @@ class NftBackend:
         sets = [n for _, n in nft_render.counter_objects()]
         try:
             if self.netlink:
-                return _snapshot_counters(nft_netlink.snapshot(family, name, sets, DEFAULT_TIMEOUT))
+                snap = nft_netlink.snapshot(family, name, sets, [], DEFAULT_TIMEOUT)
+                return _snapshot_counters(snap)
         except (nft_netlink.Unexpected, OSError):
             pass  # nft's JSON listing reads what the netlink decoder does not know
         result: dict[str, tuple[int, int]] = {}
@@ -230,12 +298,27 @@ SKELETON_CHAINS = nft_render.SKELETON_CHAINS
 def _snapshot_counters(snap: nft_netlink.Snapshot) -> dict[str, tuple[int, int]]:
     """route_id -> (packets, bytes) from the `count_` sets and `range_` maps read."""
     return {
-        f"{name}:{key}": element.counter
+        f"{name}:{nft_wire.key_text(name.partition('_')[2], key)}": element.counter
         for name, found in snap.elements.items()
         if name.startswith(("count_", "range_"))
         for key, element in found.items()
         if element.counter is not None
     }
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A full apply's batch, and what it was planned from (to apply it another way)."""
+
+    batch: str
+    live: LiveTable | None
+    desired: tuple[Route, ...]
+    changes: list[nft_wire.Change] | None = None  # element changes only, over netlink
+
+    @property
+    def over_netlink(self) -> bool:
+        """Is `batch` a summary of a change `_run_over_netlink` makes?"""
+        return self.batch.startswith("#")
 
 
 def parse_counters(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:

@@ -50,7 +50,7 @@ class ProxyBackend:
         merged = proxy_config.merge_app(self.current(), _ports(previous), _ports(desired))
         return proxy_config.render_config(merged)
 
-    def plan_reconcile(self, desired: Sequence[Route]) -> str:
+    def plan_reconcile(self, desired: Sequence[Route], describe: bool = True) -> str:
         return proxy_config.render_config(_ports(desired))
 
     def plan_flush_all(self) -> str:

@@ -6,13 +6,15 @@ and through the nft binary with JSON reads (NATPORTS_NFT=binary, or no library).
 
 from __future__ import annotations
 
+import errno
 import json
+from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any
 
 import pytest
 
-from natports.backends import nft_render
+from natports.backends import nft_netlink, nft_render, nft_wire
 from natports.backends.nftables import NftBackend
 from natports.errors import NatportsError
 from natports.model import Backend, Protocol, Route, RouteKey
@@ -22,6 +24,7 @@ from tests.kernel.conftest import range_route
 pytestmark = pytest.mark.usefixtures("clean_kernel")
 
 TABLE = f"inet {NFT_TABLE}"
+FAM = (4, 6)
 
 
 def route(app: str, port: int, *backends: tuple[str, int], family: int = 4) -> Route:
@@ -331,7 +334,12 @@ def test_the_netlink_read_agrees_with_nfts_json() -> None:
     assert direct.route_id(routes[2]) in counters  # the range map's own counter
     live = direct.live()
     assert live is not None and live.elements is not None
-    assert live.elements == nft_render.wanted(routes)[0]
+    held = {name: {k: e.value for k, e in found.items()} for name, found in live.elements.items()}
+    want = nft_render.wanted(routes)[0]
+    assert held == {name: {k: v for k, (v, _) in found.items()} for name, found in want.items()}
+    subnets = {f: [s for r in routes if r.key.family == f for s in r.hairpin_subnets] for f in FAM}
+    assert live.hairpin == {f: nft_wire.ranges_of_subnets(s) for f, s in subnets.items()}
+    assert live.rules_in_place  # and every set has the shape nft_wire expects (else not exact)
     assert live.chains == nft_render.SKELETON_CHAINS | {
         nft_render.chain_name(r.app, r.key) for r in routes[1:3]
     }
@@ -416,3 +424,148 @@ def test_a_full_apply_falls_back_to_a_rebuild_when_the_kernel_refuses(nft: NftBa
     nft.run(nft.plan_reconcile(routes))
     assert "counter" in elements("count_any4")
     assert nft.counters()[nft.route_id(routes[0])] == (0, 0)
+
+
+# -- full applies nobody reads (describe=False): over netlink where they can be ------------
+
+
+def singles(first: int, count: int, backend: str) -> list[Route]:
+    return [route(f"a{port}", port, (backend, 5025)) for port in range(first, first + count)]
+
+
+def test_a_table_built_from_nothing_over_netlink_is_the_one_nft_builds() -> None:
+    """No table: its skeleton and route chains as nft text, then every element of every
+    kind (DNAT values, goto verdicts, ranges with their last key) as one netlink batch."""
+    nft = NftBackend(TABLE)
+    routes = every_kind()
+    batch = nft.plan_reconcile(routes, describe=False)
+    assert batch.startswith("#") and "over netlink" in batch
+    nft.run(batch)
+    for name in ("count_any4", "range_any4", "count_addr6"):  # the sets' counters, cloned
+        assert "counter packets 0 bytes 0" in elements(name)
+    assert_as_rebuilt(nft, routes)
+
+
+def test_a_full_apply_of_elements_only_is_one_netlink_batch_and_leaves_the_rest() -> None:
+    """Moved, gone, new and drifted elements; several messages per set (over 64 KiB):
+    the same table as nft's rebuild, and an element that stays keeps its counter."""
+    nft = NftBackend(TABLE)
+    before = singles(21000, 2500, "172.30.1.2")
+    nft.run(nft.plan_reconcile(before, describe=False))
+    put_counter("count_any4", "tcp . 21000", 4, 240)
+    sh("nft", "delete", "element", *TABLE.split(), "dnat_any4", "{ tcp . 21001 }")
+    sh("nft", "add", "element", *TABLE.split(), "dnat_any4", "{ tcp . 29999 : 10.0.0.1 . 1 }")
+    after = [*singles(21000, 2400, "172.30.1.3"), *singles(25000, 10, "172.30.1.4")]
+    batch = nft.plan_reconcile(after, describe=False)
+    assert batch == f"# {TABLE}: 2420 elements added, 2600 deleted over netlink\n"
+    nft.run(batch)
+    assert nft.counters()[nft.route_id(after[0])] == (4, 240)
+    assert_as_rebuilt(nft, after)
+    assert nft.plan_reconcile(after, describe=False) == (
+        f"# {TABLE}: 0 elements added, 0 deleted over netlink\n"
+    )
+
+
+def test_a_full_apply_that_needs_rules_is_nft_text() -> None:
+    """Route chains, a lost skeleton rule or other hairpin subnets: nft writes them."""
+    nft = NftBackend(TABLE)
+    routes = every_kind()
+    nft.run(nft.plan_reconcile(routes, describe=False))
+    assert "add chain" in nft.plan_reconcile(routes, describe=False)  # route chains
+    mail = [routes[0]]
+    nft.run(nft.plan_reconcile(mail, describe=False))  # deletes the route chains: text
+    assert nft.plan_reconcile(mail, describe=False).startswith("#")
+    sh("nft", "delete", "rule", *TABLE.split(), "postrouting", "handle", postrouting_handle())
+    batch = nft.plan_reconcile(mail, describe=False)
+    assert f"flush chain {TABLE} postrouting" in batch
+    nft.run(batch)
+    hairpinned = [replace(routes[0], hairpin_subnets=("172.30.9.0/24",))]
+    batch = nft.plan_reconcile(hairpinned, describe=False)
+    assert f"flush set {TABLE} hairpin4" in batch and "flush chain" not in batch
+    nft.run(batch)
+    assert_as_rebuilt(nft, hairpinned)
+
+
+def test_a_skeleton_of_another_natports_is_refilled_like_a_lost_one() -> None:
+    """As many rules, but not this natports' (an upgrade changed the skeleton): a switch,
+    a full apply and the agent's check all see it, and a full apply puts it right."""
+    nft = NftBackend(TABLE)
+    mail = [route("mail", 21025, ("172.30.0.2", 5025))]
+    nft.run(nft.plan_reconcile(mail, describe=False))
+    assert nft.intact()
+    rule = "meta mark & 0x00100000 == 0x00100000 meta mark set meta mark ^ 0x00100000 masquerade"
+    sh(
+        "nft",
+        "replace",
+        "rule",
+        *TABLE.split(),
+        "postrouting",
+        "handle",
+        postrouting_handle(),
+        *rule.split(),
+        "comment",
+        '"natports skeleton olderversion"',
+    )
+    assert not nft.intact()
+    assert f"flush chain {TABLE} postrouting" in nft.plan_app(mail, mail)
+    batch = nft.plan_reconcile(mail, describe=False)
+    assert f"flush chain {TABLE} postrouting" in batch
+    nft.run(batch)
+    assert nft.intact() and nft_render.skeleton_marker(TABLE) in listing()
+    assert_as_rebuilt(nft, mail)
+
+
+def postrouting_handle() -> str:
+    rules = json.loads(sh("nft", "-j", "-a", "list", "chain", *TABLE.split(), "postrouting").stdout)
+    return str(next(item["rule"]["handle"] for item in rules["nftables"] if "rule" in item))
+
+
+def test_a_netlink_batch_is_all_or_nothing() -> None:
+    """The last message fails (a value of the wrong size): nothing before it stays."""
+    nft = NftBackend(TABLE)
+    nft.run(nft.plan_reconcile([route("mail", 21025, ("172.30.0.2", 5025))]))
+    before = canonical()
+    smtp = nft_wire.key_bytes(RouteKey(4, Protocol.TCP, 21025))
+    new = nft_wire.key_bytes(RouteKey(4, Protocol.TCP, 21026))
+    changes = [
+        nft_wire.Change("dnat_any4", (smtp,), ((new, bytes(8)),)),
+        nft_wire.Change("count_any4", (), ((new, None),)),
+        nft_wire.Change("dnat_addr4", (), ((bytes(4) + new, bytes(4)),)),  # 4 bytes, not 8
+    ]
+    with pytest.raises(OSError) as refused:
+        nft_netlink.commit(*TABLE.split(), changes)
+    assert refused.value.errno == errno.EINVAL
+    assert canonical() == before
+
+
+def test_a_refused_netlink_batch_falls_back_to_nft_text() -> None:
+    """The table changed between the read and the commit (an element the batch deletes
+    is gone): the kernel refuses the batch, and nft text makes the table right."""
+    nft = NftBackend(TABLE)
+    nft.run(nft.plan_reconcile(singles(21000, 100, "172.30.1.2"), describe=False))
+    after = singles(21000, 100, "172.30.1.3")
+    batch = nft.plan_reconcile(after, describe=False)
+    assert batch.startswith("#")
+    sh("nft", "delete", "element", *TABLE.split(), "dnat_any4", "{ tcp . 21050 }")
+    nft.run(batch)
+    assert_as_rebuilt(nft, after)
+
+
+def test_a_table_built_from_nothing_is_deleted_again_if_its_elements_fail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The elements' batch fails (injected: the kernel takes any valid one): the
+    half-built table goes, and nft text builds the table in one transaction."""
+    nft = NftBackend(TABLE)
+    routes = every_kind()
+    batch = nft.plan_reconcile(routes, describe=False)
+    seen: list[str] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        seen.append(listing())  # the first transaction's table: skeleton, no elements
+        raise OSError(errno.ENOMEM, "injected")
+
+    monkeypatch.setattr(nft_netlink, "commit", refuse)
+    nft.run(batch)
+    assert "dispatch" in seen[0] and "21025" not in seen[0]
+    assert_as_rebuilt(nft, routes)

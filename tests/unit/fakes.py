@@ -69,7 +69,7 @@ class FakeBackend:
         lines += [f"set {json.dumps(r.to_json(), sort_keys=True)}" for r in desired]
         return "".join(f"{line}\n" for line in lines)
 
-    def plan_reconcile(self, desired: Sequence[Route]) -> str:
+    def plan_reconcile(self, desired: Sequence[Route], describe: bool = True) -> str:
         return "flush\n" + self.plan_app((), desired)
 
     def plan_flush_all(self) -> str:

@@ -4,28 +4,59 @@
 
 from __future__ import annotations
 
+import struct
 from ipaddress import ip_address
 from typing import Literal
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from natports.backends import nft_wire
 from natports.backends.nft_render import (
     SKELETON_CHAINS,
     LiveTable,
     chain_name,
+    element_changes,
     element_sets,
     render_app,
+    render_build,
     render_flush_all,
     render_reconcile,
     route_id,
     skeleton_rules,
 )
+from natports.backends.nft_wire import Change, Element
 from natports.model import Protocol, Route, RouteKey
 from tests.unit.routes import route
 
 TCP = Protocol.TCP
 UDP = Protocol.UDP
+
+
+def held_elements(
+    spec: dict[str, dict[str, str | None]], counters: dict[str, tuple[int, int]] | None = None
+) -> dict[str, dict[bytes, Element]]:
+    """What an exact read finds, written as nft text: set -> key -> value (None in a set);
+    `counters`: `set:key` -> (packets, bytes)."""
+    held: dict[str, dict[bytes, Element]] = {n: {} for n in element_sets()}
+    for name, elements in spec.items():
+        family = int(name[-1])
+        for key_text, value in elements.items():
+            *host, proto, ports = key_text.split(" . ")
+            first, _, last = ports.partition("-")
+            count = int(last) - int(first) + 1 if last else 1
+            ip = ip_address(host[0]) if host else None
+            key = nft_wire.key_bytes(RouteKey(family, Protocol(proto), int(first), ip, count))
+            raw = None
+            if value is not None and value.startswith("goto "):
+                raw = value[5:].encode()
+            elif value is not None:
+                address, port = value.split(" . ")
+                raw = ip_address(address).packed + struct.pack(">H2x", int(port))
+            counter = (counters or {}).get(f"{name}:{key_text}")
+            held[name][key] = Element(raw, counter)
+    return held
+
 
 SKELETON = """\
 add table inet natports
@@ -78,7 +109,7 @@ flush chain inet natports postrouting
 add rule inet natports prerouting fib daddr type local jump dispatch
 add rule inet natports output ip daddr != 127.0.0.0/8 fib daddr type local jump dispatch
 add rule inet natports output ip6 daddr != ::1 fib daddr type local jump dispatch
-add rule inet natports postrouting meta mark & 0x00100000 == 0x00100000 meta mark set meta mark ^ 0x00100000 masquerade
+add rule inet natports postrouting meta mark & 0x00100000 == 0x00100000 meta mark set meta mark ^ 0x00100000 masquerade comment "natports skeleton vv6b7fki4nyy"
 """
 
 MAIL_25 = """\
@@ -304,13 +335,15 @@ def test_reconcile_with_an_exact_read_changes_only_what_differs() -> None:
     two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6", subnets=())
     rng = route("rtp", RouteKey(4, UDP, 30000, None, 100), 30000, "172.17.0.7", subnets=())
     name, rname = chain_name("chat", two.key), chain_name("rtp", rng.key)
-    held: dict[str, dict[str, str | None]] = {n: {} for n in element_sets()}
-    held["count_any4"] = {"tcp . 25": None, "tcp . 27": None}
-    held["dnat_any4"] = {"tcp . 25": "172.17.0.9 . 5025", "tcp . 27": "172.17.0.3 . 80"}
-    held["range_any4"] = {"udp . 30000-30099": "goto r_old_aaaaaaaaaaaa"}
+    spec: dict[str, dict[str, str | None]] = {}
+    spec["count_any4"] = {"tcp . 25": None, "tcp . 27": None}
+    spec["dnat_any4"] = {"tcp . 25": "172.17.0.9 . 5025", "tcp . 27": "172.17.0.3 . 80"}
+    spec["range_any4"] = {"udp . 30000-30099": "goto r_old_aaaaaaaaaaaa"}
     live = LiveTable(
-        {"count_any4:tcp . 25": (7, 420), "range_any4:udp . 30000-30099": (3, 99)},
-        held,
+        {},
+        held_elements(
+            spec, {"count_any4:tcp . 25": (7, 420), "range_any4:udp . 30000-30099": (3, 99)}
+        ),
         SKELETON_CHAINS | {"r_old_aaaaaaaaaaaa", name},
     )
     assert render_reconcile(live, [two, rng, mail_25()]) == (
@@ -339,10 +372,10 @@ add element inet natports count_any4 {{ tcp . 26 }}
 
 
 def test_reconcile_of_what_the_kernel_holds_is_only_the_skeleton() -> None:
-    held: dict[str, dict[str, str | None]] = {n: {} for n in element_sets()}
-    held["count_any4"] = {"tcp . 25": None}
-    held["dnat_any4"] = {"tcp . 25": "172.17.0.2 . 5025"}
-    live = LiveTable({"count_any4:tcp . 25": (7, 420)}, held, SKELETON_CHAINS)
+    spec: dict[str, dict[str, str | None]] = {}
+    spec["count_any4"] = {"tcp . 25": None}
+    spec["dnat_any4"] = {"tcp . 25": "172.17.0.2 . 5025"}
+    live = LiveTable({}, held_elements(spec, {"count_any4:tcp . 25": (7, 420)}), SKELETON_CHAINS)
     assert render_reconcile(live, [mail_25()]) == (
         SKELETON
         + """flush set inet natports hairpin4
@@ -362,6 +395,94 @@ add element inet natports dnat_any4 { tcp . 25 : 172.17.0.2 . 5025 }
 add element inet natports count_any4 { tcp . 25 }
 """
     )
+
+
+def declarations() -> str:
+    """The skeleton without its rules: what a table whose rules are in place is sent."""
+    kept = [
+        line for line in SKELETON.splitlines() if not line.startswith(("flush chain", "add rule"))
+    ]
+    return "".join(line + "\n" for line in kept)
+
+
+def exact(spec: dict[str, dict[str, str | None]], hairpin: list[str] | None) -> LiveTable:
+    """An exact read with the skeleton's rules in place, and these hairpin subnets."""
+    ranges = None
+    if hairpin is not None:
+        ranges = {4: nft_wire.ranges_of_subnets(hairpin), 6: []}
+    return LiveTable({}, held_elements(spec), SKELETON_CHAINS, ranges, rules_in_place=True)
+
+
+MAIL_HELD: dict[str, dict[str, str | None]] = {
+    "count_any4": {"tcp . 25": None},
+    "dnat_any4": {"tcp . 25": "172.17.0.2 . 5025"},
+}
+
+
+def test_reconcile_of_a_table_in_place_sends_only_declarations() -> None:
+    assert render_reconcile(exact(MAIL_HELD, ["172.17.0.0/16"]), [mail_25()]) == declarations()
+
+
+def test_reconcile_of_other_hairpin_subnets_refills_them_and_not_the_rules() -> None:
+    batch = render_reconcile(exact(MAIL_HELD, ["10.0.0.0/8"]), [mail_25()])
+    assert batch == declarations() + (
+        "flush set inet natports hairpin4\n"
+        "flush set inet natports hairpin6\n"
+        "add element inet natports hairpin4 { 172.17.0.0/16 }\n"
+    )
+
+
+def test_element_changes_are_the_same_change_as_the_text_in_bytes() -> None:
+    moved, new = mail_25("172.17.0.3"), route("imap", RouteKey(4, TCP, 143), 143, "172.17.0.4")
+    live = exact(MAIL_HELD, ["172.17.0.0/16"])
+    smtp, imap = nft_wire.key_bytes(moved.key), nft_wire.key_bytes(new.key)
+    assert element_changes(live, [moved, new]) == [
+        Change(
+            "dnat_any4",
+            (smtp,),
+            ((smtp, nft_wire.dnat_bytes(moved)), (imap, nft_wire.dnat_bytes(new))),
+        ),
+        Change("count_any4", (), ((imap, None),)),
+    ]
+    assert render_reconcile(live, [moved, new]) == declarations() + (
+        "delete element inet natports dnat_any4 { tcp . 25 }\n"
+        "add element inet natports dnat_any4 { tcp . 25 : 172.17.0.3 . 5025, tcp . 143 : 172.17.0.4 . 143 }\n"
+        "add element inet natports count_any4 { tcp . 143 }\n"
+    )
+    assert element_changes(live, [mail_25()]) == []
+
+
+def test_element_changes_are_none_where_nft_must_write_rules() -> None:
+    two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6")
+    in_place = exact(MAIL_HELD, ["172.17.0.0/16"])
+    assert element_changes(in_place, [mail_25(), two]) is None  # a route chain
+    assert element_changes(exact(MAIL_HELD, ["10.0.0.0/8"]), [mail_25()]) is None
+    assert element_changes(exact(MAIL_HELD, None), [mail_25()]) is None  # hairpin unread
+    lost = LiveTable({}, held_elements(MAIL_HELD), SKELETON_CHAINS, in_place.hairpin)
+    assert element_changes(lost, [mail_25()]) is None  # the skeleton's rules not in place
+    stray = LiveTable(
+        {}, held_elements(MAIL_HELD), SKELETON_CHAINS | {"r_x_y"}, in_place.hairpin, True
+    )
+    assert element_changes(stray, [mail_25()]) is None  # a chain to delete
+    assert element_changes(LiveTable({}), [mail_25()]) is None  # no exact read
+    assert element_changes(None, [mail_25()]) is None
+
+
+def test_a_table_built_from_nothing_is_text_without_elements_then_the_elements() -> None:
+    two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6")
+    text, changes = render_build([mail_25(), two])
+    rebuild = render_reconcile(None, [mail_25(), two]).splitlines()
+    assert text.splitlines() == [
+        line
+        for line in rebuild
+        if not line.startswith("add element inet natports") or "hairpin" in line
+    ]
+    smtp, chat = nft_wire.key_bytes(mail_25().key), nft_wire.key_bytes(two.key)
+    assert changes == [
+        Change("dnat_any4", (), ((smtp, nft_wire.dnat_bytes(mail_25())),)),
+        Change("goto_any4", (), ((chat, chain_name("chat", two.key).encode()),)),
+        Change("count_any4", (), ((smtp, None), (chat, None))),
+    ]
 
 
 def test_flush_all() -> None:
@@ -438,12 +559,12 @@ def test_reconcile_of_a_mostly_replaced_map_flushes_it_and_adds_the_whole_list()
         route(f"a{port}", RouteKey(4, TCP, port), 5025, "172.17.0.3", subnets=())
         for port in range(2000, 2070)
     ]
-    held: dict[str, dict[str, str | None]] = {n: {} for n in element_sets()}
-    held["count_any4"] = {f"tcp . {r.key.public_port}": None for r in routes}
-    held["dnat_any4"] = {f"tcp . {r.key.public_port}": "172.17.0.2 . 5025" for r in routes}
-    held["dnat_any4"]["tcp . 2000"] = "172.17.0.3 . 5025"  # this one stays
-    held["range_any4"] = {"udp . 30000-30099": "goto r_old_aaaaaaaaaaaa"}
-    live = LiveTable({"dnat_any4:tcp . 2000": (7, 420)}, held, SKELETON_CHAINS)
+    spec: dict[str, dict[str, str | None]] = {}
+    spec["count_any4"] = {f"tcp . {r.key.public_port}": None for r in routes}
+    spec["dnat_any4"] = {f"tcp . {r.key.public_port}": "172.17.0.2 . 5025" for r in routes}
+    spec["dnat_any4"]["tcp . 2000"] = "172.17.0.3 . 5025"  # this one stays
+    spec["range_any4"] = {"udp . 30000-30099": "goto r_old_aaaaaaaaaaaa"}
+    live = LiveTable({}, held_elements(spec, {"dnat_any4:tcp . 2000": (7, 420)}), SKELETON_CHAINS)
     batch = render_reconcile(live, routes).splitlines()
     assert "flush map inet natports dnat_any4" in batch
     assert not any(line.startswith("delete element inet natports dnat_any4") for line in batch)
