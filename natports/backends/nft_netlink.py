@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -234,14 +235,26 @@ def _read(link: Link, family: str, table: str, sets: list[str], intervals: list[
     }
     others = len(link.names(GETOBJ, family, table, 2))
     others += len(link.names(GETFLOWTABLE, family, table, 2))
-    elements = {
-        name: nft_wire.decode_elements(name, link.elements(family, table, name))
-        for name in sets
-        if name in shapes
-    }
+    elements = {name: _elements(link, family, table, name) for name in sets if name in shapes}
     listed = {
         name: nft_wire.decode_intervals(link.elements(family, table, name))
         for name in intervals
         if name in shapes
     }
     return Snapshot(chains, shapes, others, elements, listed)
+
+
+READS = 6  # a hash set listed twice per element is read again, up to this many times
+
+
+def _elements(link: Link, family: str, table: str, name: str) -> dict[bytes, Element]:
+    """A set's elements, read again while the kernel resizes its hash table (see
+    nft_wire.Inconsistent); still inconsistent after READS reads: Unexpected (rebuild)."""
+    for attempt in range(READS):
+        try:
+            return nft_wire.decode_elements(name, link.elements(family, table, name))
+        except nft_wire.Inconsistent:
+            if attempt == READS - 1:
+                raise
+            time.sleep(0.001 * 2**attempt)  # the resize is deferred work: let it run
+    raise AssertionError("unreachable")

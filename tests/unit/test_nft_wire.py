@@ -198,3 +198,14 @@ def test_the_shapes_nft_renders_its_sets_with() -> None:
     assert nft_wire.shape("count_addr6") == (0, 0x830D, 24, 0, 0, True)
     assert nft_wire.shape("range_addr4") == (0x8C, 0x730D, 12, 0xFFFFFF00, 16, True)
     assert nft_wire.shape("hairpin6") == (0x4, 8, 16, 0, 0, False)
+
+
+def test_a_dump_that_lists_an_element_twice_is_inconsistent() -> None:
+    """Twice listed means another element was missed: the caller reads again."""
+    key = attr(1, value(SMTP)) + counter(0, 0)
+    other = attr(1, value(proto_port(6, 26))) + counter(0, 0)
+    assert len(decode_elements("count_any4", dump("count_any4", key, other))) == 2
+    with pytest.raises(nft_wire.Inconsistent):
+        decode_elements("count_any4", dump("count_any4", key, other) + dump("count_any4", key))
+    with pytest.raises(nft_wire.Inconsistent):  # the walked layout counts too
+        decode_elements("count_any4", dump("count_any4", FLAGS + key, FLAGS + key))
