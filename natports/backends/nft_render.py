@@ -399,11 +399,12 @@ def _with_counter(item: str, found: tuple[int, int] | None) -> str:
 Wanted = dict[str, dict[bytes, tuple[bytes | None, Route]]]
 
 
-def wanted(desired: Sequence[Route]) -> tuple[Wanted, list[Route]]:
-    """set -> key -> value of `desired`, and the routes that need a chain (sorted)."""
+def wanted(desired: Sequence[Route], ordered: bool = True) -> tuple[Wanted, list[Route]]:
+    """set -> key -> value of `desired`, and the routes that need a chain; in route
+    order (`ordered`: text, which must not depend on the order of `desired`)."""
     want: Wanted = {name: {} for name in element_sets()}
     chained = []
-    for route in sorted(desired, key=Route.sort_key):
+    for route in sorted(desired, key=Route.sort_key) if ordered else desired:
         key, where, how = nft_wire.key_bytes(route.key), scope(route.key), kind(route)
         if how != "range":
             want[f"count_{where}"][key] = (None, route)
@@ -509,7 +510,7 @@ def element_changes(live: LiveTable | None, desired: Sequence[Route]) -> list[Ch
     """
     if live is None or live.elements is None or not live.rules_in_place:
         return None
-    want, chained = wanted(desired)
+    want, chained = wanted(desired, ordered=False)  # a netlink batch has no text to order
     if chained or live.chains != SKELETON_CHAINS or not _hairpin_in_place(live, desired):
         return None
     changes = []
