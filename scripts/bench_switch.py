@@ -112,23 +112,21 @@ def current(direct: bool = True) -> Renderer:
 
 
 def from_revision(rev: str) -> Renderer:
-    """Load natports/backends/nft_render.py (and its live reader) as they were at `rev`."""
+    """Load natports/backends/nftables.py and the modules of its own that it imports
+    (renderer, netlink reader, wire format) as they were at `rev`."""
     root = Path(__file__).resolve().parent.parent
     modules: dict[str, ModuleType] = {}
     sources: dict[str, str] = {}
-    for name in ("nft_render", "nftables"):
-        text = subprocess.run(
+    own = ("nft_wire", "nft_render", "nft_netlink", "nftables")  # dependencies first
+    for name in own:
+        found = subprocess.run(
             ["git", "-C", str(root), "show", f"{rev}:natports/backends/{name}.py"],
-            check=True,
             capture_output=True,
             text=True,
-        ).stdout
-        text = text.replace(
-            "from .nft_render import", "from natports.backends._old_nft_render import"
         )
-        text = text.replace(
-            "from . import nft_render", "import natports.backends._old_nft_render as nft_render"
-        )
+        if found.returncode != 0:
+            continue  # not in that revision (the reader and the wire format came later)
+        text = _from_revision_imports(found.stdout, list(sources))
         sources[name] = text
         full = f"natports.backends._old_{name}"
         spec = importlib.util.spec_from_loader(full, loader=None)
@@ -142,6 +140,26 @@ def from_revision(rev: str) -> Renderer:
     # Renderers from before ranges were first-class (4c5f9e8) take one route per port.
     expand = "range_" not in sources["nft_render"]
     return Renderer(f"before ({rev})", lambda: old_backend(TABLE), expand=expand)
+
+
+def _from_revision_imports(text: str, loaded: list[str]) -> str:
+    """Point `from . import a, b` and `from .a import x` at the revision's modules."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("from . import "):
+            names = [n.strip() for n in line[len("from . import ") :].split(",")]
+            kept = [n for n in names if n not in loaded]
+            lines += [f"import natports.backends._old_{n} as {n}" for n in names if n in loaded]
+            if kept:
+                lines.append(f"from . import {', '.join(kept)}")
+            continue
+        for other in loaded:
+            if line.startswith(f"from .{other} import"):
+                line = line.replace(
+                    f"from .{other} import", f"from natports.backends._old_{other} import"
+                )
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def timed(nft: NftBackend, batch: str) -> float:
