@@ -68,6 +68,7 @@ class Link:
 
     def __init__(self, timeout: float = 10.0) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._timeout = timeout
         self._sock.settimeout(timeout)  # a wedged kernel must not hang natports forever
         self._sock.bind((0, 0))
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
@@ -126,27 +127,39 @@ class Link:
         self._sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch.data) + 4096)
         self._sock.send(batch.data)
         waiting, error = set(batch.acks), 0
-        while waiting and not error:
-            try:
-                size = self._sock.recv_into(memoryview(self._buf), 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                break
-            data = bytes(memoryview(self._buf)[:size])
-            at = 0
-            while at + 20 <= size:
-                length, kind, _, _, _ = _HDR.unpack_from(data, at)
-                if length < 16:
-                    raise Unexpected("malformed netlink message")
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, at + 16)[0]
-                    acked = struct.unpack_from("=I", data, at + 28)[0]  # the request's seq
-                    error = error or code
-                    waiting.discard(acked)
-                at += (length + 3) & ~3
+        self._sock.settimeout(0.0)  # every answer is queued already: do not wait for more
+        try:
+            while waiting and not error:
+                try:
+                    size = self._sock.recv_into(memoryview(self._buf))
+                except BlockingIOError:
+                    break
+                data = bytes(memoryview(self._buf)[:size])
+                error = self._acknowledged(data, batch.seqs, waiting)
+        finally:
+            self._sock.settimeout(self._timeout)
         if error:
             raise OSError(error, f"nf_tables refused the element batch: {os.strerror(error)}")
         if waiting:
             raise Unexpected(f"{len(waiting)} of the batch's messages were not acknowledged")
+
+    @staticmethod
+    def _acknowledged(data: bytes, seqs: range, waiting: set[int]) -> int:
+        """Take the batch's acknowledged messages out of `waiting`; its first error, or 0.
+        Answers to anything else (`seqs` are the batch's) are not this batch's."""
+        error, at = 0, 0
+        while at + 20 <= len(data):
+            length, kind, _, _, _ = _HDR.unpack_from(data, at)
+            if length < 16:
+                raise Unexpected("malformed netlink message")
+            if kind == NLMSG_ERROR and at + 32 <= len(data):
+                code = -struct.unpack_from("=i", data, at + 16)[0]
+                request = struct.unpack_from("=I", data, at + 28)[0]  # the request's seq
+                if request in seqs:
+                    waiting.discard(request)
+                    error = error or code
+            at += (length + 3) & ~3
+        return error
 
     def names(self, msg: int, family: str, table: str, name_attr: int) -> list[tuple[str, int]]:
         """(name, flags or 0) of the objects of one kind in `table` (the table is attribute 1)."""
@@ -188,9 +201,11 @@ def _using_link(timeout: float, work: Callable[[Link], T]) -> T:
             _shared = Link(timeout)
         try:
             return work(_shared)
-        except BaseException:
+        except BaseException as exc:
             _shared.close()  # a dump may be half read: start over with a new socket
             _shared = None
+            if isinstance(exc, (struct.error, ValueError)):  # malformed: unexpected
+                raise Unexpected(str(exc)) from None
             raise
 
 
@@ -199,10 +214,7 @@ def snapshot(
 ) -> Snapshot:
     """The table's chains, named sets, other objects, the elements of `sets` and the
     listed elements of the interval sets `intervals`."""
-    try:
-        return _using_link(timeout, lambda link: _read(link, family, table, sets, intervals))
-    except (struct.error, ValueError) as exc:  # malformed: as unexpected as a foreign set
-        raise Unexpected(str(exc)) from None
+    return _using_link(timeout, lambda link: _read(link, family, table, sets, intervals))
 
 
 def commit(family: str, table: str, changes: list[nft_wire.Change], timeout: float = 10.0) -> None:

@@ -522,17 +522,30 @@ def element_changes(live: LiveTable | None, desired: Sequence[Route]) -> list[Ch
     return changes
 
 
-def render_build(desired: Sequence[Route], table: str = TABLE) -> tuple[str, list[Change]]:
-    """A table built from nothing, in two parts: nft text for everything but the route
-    elements (the skeleton, hairpin sets, route chains), then the elements as netlink
-    changes.
+@dataclass(frozen=True)
+class Build:
+    """A table built from nothing in three steps (`render_build`)."""
 
-    For a table that did not exist when planned: between the two transactions it
-    routes nothing, as before the first (its maps are empty). Like a rebuild, the first
-    deletes a table that appeared since.
+    skeleton: str  # nft text: the table, its skeleton unmarked, hairpin sets, route chains
+    elements: list[Change]  # every route element, as one netlink batch
+    mark: str  # nft text: the skeleton's last rule again, with its marker
+
+
+def render_build(desired: Sequence[Route], table: str = TABLE) -> Build:
+    """A table built from nothing: nft text for everything but the route elements,
+    then the elements over netlink, then the skeleton's marker.
+
+    For a table that did not exist when planned: until the elements are in, the table
+    routes nothing, as before the first step (its maps are empty). Like a rebuild, the
+    first step deletes a table that appeared since. The marker comes last, so that a
+    table left unfinished (natports killed between the steps) is not `intact()`: the
+    agent completes it.
     """
     want, chained = wanted(desired)
-    lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
+    marked = skeleton(table)
+    last = marked[-1]
+    unmarked = last[: last.rindex(" comment ")]
+    lines = [f"add table {table}", f"delete table {table}", *marked[:-1], unmarked]
     lines += _hairpin_lines(desired, table)
     for route in chained:
         lines += _chain_lines(route, table)
@@ -541,16 +554,18 @@ def render_build(desired: Sequence[Route], table: str = TABLE) -> tuple[str, lis
         for name in element_sets()
         if want[name]
     ]
-    return "\n".join(lines) + "\n", changes
+    chain = last.split()[4]  # add rule <family> <table> <chain> ...
+    mark = f"flush chain {table} {chain}\n{last}\n"
+    return Build("\n".join(lines) + "\n", changes, mark)
 
 
 def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
-    """Delete the table and build it again in one transaction, counters carried over.
+    """Delete the table and build it again in one transaction, counters carried over
+    (from the exact read's elements, or from `live.counters`).
 
     Elements go in one `add element` per map: nft parses a long list far faster
     than as many statements.
     """
-    counters = {} if live is None else live.counters
     want, chained = wanted(desired)
     lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
     lines += _hairpin_lines(desired, table)
@@ -559,11 +574,21 @@ def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str 
     for name in element_sets():
         if want[name]:
             items = [
-                _with_counter(_item_of(name, r), counters.get(f"{name}:{element_key(r.key)}"))
-                for _, r in want[name].values()
+                _with_counter(_item_of(name, route), _counter(live, name, key, route))
+                for key, (_, route) in want[name].items()
             ]
             lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     return "\n".join(lines) + "\n"
+
+
+def _counter(live: LiveTable | None, name: str, key: bytes, route: Route) -> tuple[int, int] | None:
+    """The counter the kernel held for a route's element in set `name`."""
+    if live is None:
+        return None
+    if live.elements is not None:
+        element = live.elements.get(name, {}).get(key)
+        return None if element is None else element.counter
+    return live.counters.get(f"{name}:{element_key(route.key)}")
 
 
 def render_flush_all(table: str = TABLE) -> str:

@@ -511,6 +511,7 @@ class Batch:
 
     data: bytes
     acks: frozenset[int]  # the sequence numbers whose acknowledgement says it committed
+    seqs: range  # every sequence number of the batch, BATCH_BEGIN and _END included
 
 
 def encode_batch(family: str, table: str, changes: Sequence[Change], first_seq: int) -> Batch:
@@ -535,4 +536,4 @@ def encode_batch(family: str, table: str, changes: Sequence[Change], first_seq: 
         out.append(message[:8] + struct.pack("=I", seq) + message[12:])
     seq += 1
     out.append(_HDR.pack(16 + len(batch_head), BATCH_END, NLM_F_REQUEST, seq, 0) + batch_head)
-    return Batch(b"".join(out), frozenset(acks))
+    return Batch(b"".join(out), frozenset(acks), range(first_seq, seq + 1))

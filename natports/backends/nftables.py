@@ -89,14 +89,16 @@ class NftBackend:
         self, live: LiveTable | None, desired: tuple[Route, ...]
     ) -> _Planned | None:
         if live is None:
-            summary = f"# {self.table}: built for {len(desired)} routes, elements over netlink\n"
+            built = f"built for {len(desired)} routes, elements over netlink"
+            summary = f"{_SUMMARY}{self.table}: {built}\n"
             return _Planned(summary, live, desired)
         changes = nft_render.element_changes(live, desired)
         if changes is None:
             return None
         added = sum(len(c.add) for c in changes)
         deleted = sum(len(c.delete) for c in changes)
-        summary = f"# {self.table}: {added} elements added, {deleted} deleted over netlink\n"
+        what = f"{added} elements added, {deleted} deleted over netlink"
+        summary = f"{_SUMMARY}{self.table}: {what}\n"
         return _Planned(summary, live, desired, changes)
 
     def plan_flush_all(self) -> str:
@@ -111,18 +113,25 @@ class NftBackend:
             self.forwarding.ensure_once()  # before the DNAT rules that rely on it
         planned, self._planned = self._planned, None
         if planned is None or planned.batch != batch:
+            if batch.startswith(_SUMMARY):
+                raise NatportsError(
+                    "internal error: a netlink plan's summary was run without its plan",
+                    "run `natports apply` again",
+                )
             self._nft(["-f", "-"], batch)
-        elif not (planned.over_netlink and self._run_over_netlink(planned)):
+        elif not planned.over_netlink:
             self._run_text(planned)
+        elif not self._run_over_netlink(planned):
+            # Refused: the table may have changed since the read. Read it again.
+            live = self.live()
+            text = nft_render.render_reconcile(live, planned.desired, self.table)
+            self._run_text(_Planned(text, live, planned.desired))
         if self.forwarding is not None and flush:
             self.forwarding.remove()  # nothing of natports is left to accept
 
     def _run_text(self, planned: _Planned) -> None:
-        batch = planned.batch
-        if planned.over_netlink:  # a summary: the text it stands for
-            batch = nft_render.render_reconcile(planned.live, planned.desired, self.table)
         try:
-            self._nft(["-f", "-"], batch)
+            self._nft(["-f", "-"], planned.batch)
         except NatportsError:
             if planned.live is None or planned.live.elements is None:
                 raise  # it was the rebuild
@@ -133,24 +142,29 @@ class NftBackend:
         """The planned change through netlink; False: not done (nothing changed).
 
         A change of elements only is one netlink batch. A table that does not exist is
-        built in two transactions: nft text for its skeleton and route chains (small),
-        then every element as one netlink batch. Between them the table routes nothing,
-        as before the first; if the second fails, the table is deleted again.
+        built in steps (nft_render.render_build): nft text for its skeleton and route
+        chains, every element as one netlink batch, then the skeleton's marker. Until
+        the elements are in the table routes nothing, as before; if they fail, or
+        anything interrupts the step (a signal), the table is deleted again.
         """
         family, name = self.table.split()
-        if planned.live is None:
-            text, elements = nft_render.render_build(planned.desired, self.table)
-            self._nft(["-f", "-"], text)
-            try:
-                nft_netlink.commit(family, name, elements, DEFAULT_TIMEOUT)
-            except (nft_netlink.Unexpected, OSError):
-                self._nft(["-f", "-"], self.plan_flush_all())  # as it was: no table
-                return False
+        if planned.live is not None:
+            if planned.changes:
+                try:
+                    nft_netlink.commit(family, name, planned.changes, DEFAULT_TIMEOUT)
+                except (nft_netlink.Unexpected, OSError):
+                    return False
             return True
+        build = nft_render.render_build(planned.desired, self.table)
+        self._nft(["-f", "-"], build.skeleton)
         try:
-            nft_netlink.commit(family, name, planned.changes or [], DEFAULT_TIMEOUT)
-        except (nft_netlink.Unexpected, OSError):
-            return False
+            nft_netlink.commit(family, name, build.elements, DEFAULT_TIMEOUT)
+        except BaseException as exc:
+            self._nft(["-f", "-"], self.plan_flush_all())  # as it was: no table
+            if isinstance(exc, (nft_netlink.Unexpected, OSError)):
+                return False
+            raise
+        self._nft(["-f", "-"], build.mark)
         return True
 
     def live(self) -> LiveTable | None:
@@ -318,7 +332,10 @@ class _Planned:
     @property
     def over_netlink(self) -> bool:
         """Is `batch` a summary of a change `_run_over_netlink` makes?"""
-        return self.batch.startswith("#")
+        return self.batch.startswith(_SUMMARY)
+
+
+_SUMMARY = "# "  # a netlink plan's batch: one nft comment line (nft text never starts so)
 
 
 def parse_counters(doc: dict[str, Any]) -> dict[str, tuple[int, int]]:

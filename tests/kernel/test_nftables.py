@@ -429,11 +429,32 @@ def test_a_full_apply_falls_back_to_a_rebuild_when_the_kernel_refuses(nft: NftBa
 # -- full applies nobody reads (describe=False): over netlink where they can be ------------
 
 
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each netlink element batch that committed ("ok") or was refused (the error): a
+    test of the netlink path must see it commit, or it would pass on the text path."""
+    seen: list[str] = []
+    commit = nft_netlink.commit
+
+    def noting(*args: Any, **kwargs: Any) -> None:
+        try:
+            commit(*args, **kwargs)
+        except Exception as exc:
+            seen.append(str(exc))
+            raise
+        seen.append("ok")
+
+    monkeypatch.setattr(nft_netlink, "commit", noting)
+    return seen
+
+
 def singles(first: int, count: int, backend: str) -> list[Route]:
     return [route(f"a{port}", port, (backend, 5025)) for port in range(first, first + count)]
 
 
-def test_a_table_built_from_nothing_over_netlink_is_the_one_nft_builds() -> None:
+def test_a_table_built_from_nothing_over_netlink_is_the_one_nft_builds(
+    commits: list[str],
+) -> None:
     """No table: its skeleton and route chains as nft text, then every element of every
     kind (DNAT values, goto verdicts, ranges with their last key) as one netlink batch."""
     nft = NftBackend(TABLE)
@@ -441,12 +462,15 @@ def test_a_table_built_from_nothing_over_netlink_is_the_one_nft_builds() -> None
     batch = nft.plan_reconcile(routes, describe=False)
     assert batch.startswith("#") and "over netlink" in batch
     nft.run(batch)
+    assert commits == ["ok"]
     for name in ("count_any4", "range_any4", "count_addr6"):  # the sets' counters, cloned
         assert "counter packets 0 bytes 0" in elements(name)
     assert_as_rebuilt(nft, routes)
 
 
-def test_a_full_apply_of_elements_only_is_one_netlink_batch_and_leaves_the_rest() -> None:
+def test_a_full_apply_of_elements_only_is_one_netlink_batch_and_leaves_the_rest(
+    commits: list[str],
+) -> None:
     """Moved, gone, new and drifted elements; several messages per set (over 64 KiB):
     the same table as nft's rebuild, and an element that stays keeps its counter."""
     nft = NftBackend(TABLE)
@@ -459,11 +483,13 @@ def test_a_full_apply_of_elements_only_is_one_netlink_batch_and_leaves_the_rest(
     batch = nft.plan_reconcile(after, describe=False)
     assert batch == f"# {TABLE}: 2420 elements added, 2600 deleted over netlink\n"
     nft.run(batch)
+    assert commits == ["ok", "ok"]  # the build, then this change
     assert nft.counters()[nft.route_id(after[0])] == (4, 240)
     assert_as_rebuilt(nft, after)
-    assert nft.plan_reconcile(after, describe=False) == (
-        f"# {TABLE}: 0 elements added, 0 deleted over netlink\n"
-    )
+    nothing = nft.plan_reconcile(after, describe=False)
+    assert nothing == f"# {TABLE}: 0 elements added, 0 deleted over netlink\n"
+    nft.run(nothing)
+    assert commits == ["ok", "ok"]  # nothing to send: no batch
 
 
 def test_a_full_apply_that_needs_rules_is_nft_text() -> None:
@@ -538,7 +564,7 @@ def test_a_netlink_batch_is_all_or_nothing() -> None:
     assert canonical() == before
 
 
-def test_a_refused_netlink_batch_falls_back_to_nft_text() -> None:
+def test_a_refused_netlink_batch_falls_back_to_nft_text(commits: list[str]) -> None:
     """The table changed between the read and the commit (an element the batch deletes
     is gone): the kernel refuses the batch, and nft text makes the table right."""
     nft = NftBackend(TABLE)
@@ -548,7 +574,55 @@ def test_a_refused_netlink_batch_falls_back_to_nft_text() -> None:
     assert batch.startswith("#")
     sh("nft", "delete", "element", *TABLE.split(), "dnat_any4", "{ tcp . 21050 }")
     nft.run(batch)
+    assert commits[0] == "ok" and "No such file or directory" in commits[1]
     assert_as_rebuilt(nft, after)
+
+
+def test_a_refused_change_is_rebuilt_with_the_counters_it_read() -> None:
+    """The text change fails (an element it deletes went between the read and the run):
+    the rebuild carries the counters the exact read found."""
+    nft = NftBackend(TABLE)
+    before = singles(21000, 10, "172.30.1.2")
+    nft.run(nft.plan_reconcile(before))
+    put_counter("count_any4", "tcp . 21001", 6, 360)
+    after = [*before[:5], route("a21005", 21005, ("172.30.1.9", 5025))]  # moved; 6-9 go
+    batch = nft.plan_reconcile(after)
+    assert "delete element" in batch and "delete table" not in batch
+    sh("nft", "delete", "element", *TABLE.split(), "dnat_any4", "{ tcp . 21009 }")
+    nft.run(batch)
+    assert nft.counters()[nft.route_id(after[1])] == (6, 360)
+    assert_as_rebuilt(nft, after)
+
+
+def test_a_build_interrupted_before_its_marker_is_not_intact_and_the_agent_completes_it(
+    commits: list[str],
+) -> None:
+    """natports killed after the elements: the skeleton's marker is missing, so the
+    agent's check (`intact`) sees it, and its repair makes the whole table."""
+    nft = NftBackend(TABLE)
+    routes = every_kind()
+    build = nft_render.render_build(routes, TABLE)
+    sh("nft", "-f", "-", input=build.skeleton)
+    assert not nft.intact()  # no elements yet: not intact either
+    nft_netlink.commit(*TABLE.split(), build.elements)
+    assert not nft.intact(routes)
+    nft.run(nft.plan_reconcile(routes, describe=False))  # what engine.repair runs
+    assert nft.intact(routes)
+    assert_as_rebuilt(nft, routes)
+
+
+def test_an_interrupted_build_leaves_no_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal while the elements go in: the half-built table is deleted again."""
+    nft = NftBackend(TABLE)
+    batch = nft.plan_reconcile(every_kind(), describe=False)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nft_netlink, "commit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        nft.run(batch)
+    assert f"table {TABLE}\n" not in sh("nft", "list", "tables").stdout
 
 
 def test_a_table_built_from_nothing_is_deleted_again_if_its_elements_fail(
@@ -577,7 +651,7 @@ def test_a_full_apply_right_after_many_elements_were_added_reads_them_all(
     """The kernel resizes a hash set's table after many inserts, and a dump taken
     meanwhile lists some elements twice and misses as many (nft_wire.Inconsistent):
     read once, the routes it missed would survive the apply that removes them. The
-    race is the kernel's: rounds until a read has met it (20,000 elements: every round here)."""
+    race is the kernel's: rounds until a read has met it."""
     met: list[str] = []
     decode = nft_wire.decode_elements
 
@@ -590,18 +664,17 @@ def test_a_full_apply_right_after_many_elements_were_added_reads_them_all(
 
     monkeypatch.setattr(nft_wire, "decode_elements", noting)
     nft = NftBackend(TABLE)
-    for _ in range(8):
+    every = [
+        route(f"a{i}", 20000 + i, (f"172.30.{i // 250}.{i % 250 + 2}", 5025)) for i in range(30000)
+    ]
+    kept = every[:15000]
+    for _ in range(10):
         nft.run(nft.plan_flush_all())
-        built = [
-            route(f"a{i}", 20000 + i, (f"172.30.{i // 250}.{i % 250 + 2}", 5025))
-            for i in range(20000)
-        ]
-        nft.run(nft.plan_reconcile(built, describe=False))
-        kept = built[:10000]
+        nft.run(nft.plan_reconcile(every, describe=False))  # built: 60,000 elements added
         batch = nft.plan_reconcile(kept, describe=False)  # at once: the resize is under way
-        assert batch == f"# {TABLE}: 0 elements added, 20000 deleted over netlink\n"
+        assert batch == f"# {TABLE}: 0 elements added, 30000 deleted over netlink\n"
         nft.run(batch)
         assert_as_rebuilt(nft, kept)
         if met:
             return
-    pytest.skip("no read met a resize of the kernel's hash table in 8 rounds")
+    pytest.skip("no read met a resize of the kernel's hash table in 10 rounds")

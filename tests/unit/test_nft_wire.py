@@ -29,7 +29,7 @@ def value(data: bytes) -> bytes:
 
 
 def proto_port(proto: int, port: int) -> bytes:
-    return struct.pack("=I", proto) + struct.pack(">H", port) + b"\0\0"  # 32-bit fields
+    return bytes([proto, 0, 0, 0]) + struct.pack(">H", port) + b"\0\0"  # 32-bit fields
 
 
 def counter(packets: int, size: int) -> bytes:
@@ -209,3 +209,22 @@ def test_a_dump_that_lists_an_element_twice_is_inconsistent() -> None:
         decode_elements("count_any4", dump("count_any4", key, other) + dump("count_any4", key))
     with pytest.raises(nft_wire.Inconsistent):  # the walked layout counts too
         decode_elements("count_any4", dump("count_any4", FLAGS + key, FLAGS + key))
+
+
+def ack(seq: int, code: int) -> bytes:
+    """NLMSG_ERROR answering request `seq` (with NETLINK_CAP_ACK: its header only)."""
+    return (
+        struct.pack("=IHHII", 36, 2, 0x100, 0, 0)
+        + struct.pack("=i", -code)
+        + (struct.pack("=IHHII", 16, 0, 0, seq, 0))
+    )
+
+
+def test_acknowledgements_of_the_batch_alone_count() -> None:
+    from natports.backends.nft_netlink import Link
+
+    waiting = {8, 9}
+    assert Link._acknowledged(ack(8, 0) + ack(42, 22), range(7, 11), waiting) == 0
+    assert waiting == {9}  # seq 42 is not this batch's, and its error is not either
+    assert Link._acknowledged(ack(9, 2), range(7, 11), waiting) == 2
+    assert waiting == set()

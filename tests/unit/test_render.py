@@ -21,6 +21,7 @@ from natports.backends.nft_render import (
     render_app,
     render_build,
     render_flush_all,
+    render_rebuild,
     render_reconcile,
     route_id,
     skeleton_rules,
@@ -469,20 +470,38 @@ def test_element_changes_are_none_where_nft_must_write_rules() -> None:
 
 
 def test_a_table_built_from_nothing_is_text_without_elements_then_the_elements() -> None:
+    """Three steps: the rebuild's text without route elements and with the skeleton's
+    last rule unmarked; the elements; the marked rule (so an unfinished build is not
+    intact)."""
     two = route("chat", RouteKey(4, TCP, 26), 6000, "172.17.0.5", "172.17.0.6")
-    text, changes = render_build([mail_25(), two])
+    build = render_build([mail_25(), two])
     rebuild = render_reconcile(None, [mail_25(), two]).splitlines()
-    assert text.splitlines() == [
-        line
+    marked = next(line for line in rebuild if "comment" in line)
+    assert marked.startswith("add rule inet natports postrouting")
+    assert build.skeleton.splitlines() == [
+        marked[: marked.index(" comment")] if line == marked else line
         for line in rebuild
         if not line.startswith("add element inet natports") or "hairpin" in line
     ]
+    assert build.mark == f"flush chain inet natports postrouting\n{marked}\n"
     smtp, chat = nft_wire.key_bytes(mail_25().key), nft_wire.key_bytes(two.key)
-    assert changes == [
+    assert build.elements == [
         Change("dnat_any4", (), ((smtp, nft_wire.dnat_bytes(mail_25())),)),
         Change("goto_any4", (), ((chat, chain_name("chat", two.key).encode()),)),
         Change("count_any4", (), ((smtp, None), (chat, None))),
     ]
+
+
+def test_a_rebuild_after_an_exact_read_carries_the_counters_it_read() -> None:
+    """The fallback when the kernel refuses a change: counters come from the elements."""
+    rng = route("rtp", RouteKey(4, UDP, 30000, None, 100), 30000, "172.17.0.7")
+    held = held_elements(
+        {"count_any4": {"tcp . 25": None}, "range_any4": {"udp . 30000-30099": "goto r_x_y"}},
+        {"count_any4:tcp . 25": (7, 420), "range_any4:udp . 30000-30099": (3, 99)},
+    )
+    batch = render_rebuild(LiveTable({}, held, SKELETON_CHAINS), [mail_25(), rng])
+    assert "count_any4 { tcp . 25 counter packets 7 bytes 420 }" in batch
+    assert "udp . 30000-30099 counter packets 3 bytes 99 : goto" in batch
 
 
 def test_flush_all() -> None:
