@@ -302,33 +302,43 @@ def processes(size: int, rounds: int = 20) -> dict[str, Any]:
     }
 
 
-def cold(sizes: Sequence[int], rounds: int = 3) -> dict[str, dict[int, float]]:
+def cold(sizes: Sequence[int], rounds: int = 5) -> dict[str, dict[int, float]]:
     """Full applies that change most of the table: into no table (first apply, or after
     `nft flush ruleset`), and where every route moved to a new backend; then one with
-    every route in place. Three ways: as `natports apply` runs them (netlink where it
-    can), the same change as nft text (what --dry-run prints, run), the nft binary."""
+    every route in place. Three ways, taking turns round by round (so that the
+    machine's load hits them alike): as `natports apply` runs them (netlink where it
+    can), the same change as nft text (what --dry-run prints, run), the nft binary.
+    Also the ratio of apply to nft text, median of the rounds' ratios."""
+    ways = {
+        "apply": (NftBackend(TABLE), False),
+        "nft text": (NftBackend(TABLE), True),
+        "nft binary": (NftBackend(TABLE, direct=False), True),
+    }
+    scenarios = ("no table", "every route moved", "in place")
     found: dict[str, dict[int, float]] = {}
-    ways = (("apply", True, False), ("nft text", True, True), ("nft binary", False, True))
-    for way, direct, describe in ways:
-        nft = NftBackend(TABLE, direct=direct)
-        try:
-            for size in sizes:
-                routes = [*filler(size), *switched("172.31.0.2")]
-                moved = [replace(r, backends=(replace(r.backends[0], port=6025),)) for r in routes]
-                times: dict[str, list[float]] = {"no table": [], "every route moved": []}
-                times["in place"] = []
-                for _ in range(rounds):
+    try:
+        for size in sizes:
+            routes = [*filler(size), *switched("172.31.0.2")]
+            moved = [replace(r, backends=(replace(r.backends[0], port=6025),)) for r in routes]
+            times: dict[tuple[str, str], list[float]] = {}
+            for _ in range(rounds):
+                for way, (nft, describe) in ways.items():
                     nft.run(nft.plan_flush_all())
-                    for scenario, target in zip(times, (routes, moved, moved), strict=True):
+                    for scenario, target in zip(scenarios, (routes, moved, moved), strict=True):
                         start = time.perf_counter()
                         nft.run(nft.plan_reconcile(target, describe=describe))
-                        times[scenario].append((time.perf_counter() - start) * 1000)
-                for scenario, values in times.items():
-                    found.setdefault(f"{way}, {scenario}", {})[size] = round(
-                        statistics.median(values), 1
-                    )
-        finally:
-            nft.run(nft.plan_flush_all())
+                        elapsed = (time.perf_counter() - start) * 1000
+                        times.setdefault((way, scenario), []).append(elapsed)
+            for (way, scenario), values in times.items():
+                found.setdefault(f"{way}, {scenario}", {})[size] = round(
+                    statistics.median(values), 1
+                )
+            for scenario in scenarios:
+                pairs = zip(times["apply", scenario], times["nft text", scenario], strict=True)
+                ratio = statistics.median(a / b for a, b in pairs)
+                found.setdefault(f"apply / nft text, {scenario}", {})[size] = round(ratio, 2)
+    finally:
+        ways["apply"][0].run(ways["apply"][0].plan_flush_all())
     return found
 
 
@@ -427,7 +437,9 @@ def main() -> None:
     if args.cold:
         results = cold(sizes)
         for what, by_size in results.items():
-            print(f"full apply, {what}: " + ", ".join(f"{n}: {v} ms" for n, v in by_size.items()))
+            unit = "x" if what.startswith("apply / ") else " ms"
+            figures = ", ".join(f"{n}: {v}{unit}" for n, v in by_size.items())
+            print(f"full apply, {what}: {figures}")
         print(json.dumps({"bench": "full-apply-cold", "results": results}))
         return
     if args.process:
