@@ -25,10 +25,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from . import nft_wire
-from .nft_wire import Element, Shape, Unexpected, attrs, text
+from .nft_wire import Elements, Shape, Unexpected, attrs, text
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -42,7 +42,14 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFT_SET_ANONYMOUS = 0x1
 _HDR = struct.Struct("=IHHII")
 
-__all__ = ["Element", "Link", "Shape", "Snapshot", "Unexpected", "commit", "rules", "snapshot"]
+__all__ = ["Elements", "Link", "Shape", "Snapshot", "Unexpected", "commit", "rules", "snapshot"]
+
+
+class Listed(NamedTuple):
+    name: str
+    flags: int
+    shape: Shape | None  # sets only
+    size: int | None  # sets only: how many elements, where the kernel says (NFTA_SET_COUNT)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class Snapshot:
     chains: frozenset[str]
     shapes: dict[str, Shape]  # named sets and maps (anonymous ones belong to rules)
     others: int  # named objects and flowtables: natports makes none
-    elements: dict[str, dict[bytes, Element]]  # set -> element key -> element
+    elements: dict[str, Elements]  # set -> its elements
     intervals: dict[str, list[tuple[bytes, int]]]  # interval set -> (key, flags) listed
 
     @property
@@ -163,21 +170,23 @@ class Link:
 
     def names(self, msg: int, family: str, table: str, name_attr: int) -> list[tuple[str, int]]:
         """(name, flags or 0) of the objects of one kind in `table` (the table is attribute 1)."""
-        return [(name, flags) for name, flags, _ in self.listed(msg, family, table, name_attr)]
+        return [(found.name, found.flags) for found in self.listed(msg, family, table, name_attr)]
 
-    def listed(
-        self, msg: int, family: str, table: str, name_attr: int
-    ) -> list[tuple[str, int, Shape | None]]:
-        """(name, flags, shape of a set or None) of the objects of one kind in `table`."""
+    def listed(self, msg: int, family: str, table: str, name_attr: int) -> list[Listed]:
+        """The objects of one kind in `table` (of sets: their shape and count too)."""
         request = _attr(1, table.encode() + b"\0")
         result = []
         for payload in self.dump(msg, family, request):
             top = attrs(payload, 0, len(payload))
             if 1 not in top or text(payload, top[1]) != table or name_attr not in top:
                 continue
-            found = nft_wire.decode_shape(payload, top) if msg == GETSET else None
-            flags = found.flags if found is not None else 0
-            result.append((text(payload, top[name_attr]), flags, found))
+            name = text(payload, top[name_attr])
+            if msg != GETSET:
+                result.append(Listed(name, 0, None, None))
+                continue
+            found = nft_wire.decode_shape(payload, top)
+            count = nft_wire.decode_count(payload, top)
+            result.append(Listed(name, found.flags, found, count))
         return result
 
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
@@ -240,14 +249,14 @@ def rules(
 
 def _read(link: Link, family: str, table: str, sets: list[str], intervals: list[str]) -> Snapshot:
     chains = frozenset(n for n, _ in link.names(GETCHAIN, family, table, 3))
-    shapes = {
-        name: found
-        for name, flags, found in link.listed(GETSET, family, table, 2)
-        if found is not None and not flags & NFT_SET_ANONYMOUS
-    }
+    named = [s for s in link.listed(GETSET, family, table, 2) if not s.flags & NFT_SET_ANONYMOUS]
+    shapes = {s.name: s.shape for s in named if s.shape is not None}
+    counts = {s.name: s.size for s in named}
     others = len(link.names(GETOBJ, family, table, 2))
     others += len(link.names(GETFLOWTABLE, family, table, 2))
-    elements = {name: _elements(link, family, table, name) for name in sets if name in shapes}
+    elements = {
+        name: _elements(link, family, table, name, counts[name]) for name in sets if name in shapes
+    }
     listed = {
         name: nft_wire.decode_intervals(link.elements(family, table, name))
         for name in intervals
@@ -256,15 +265,15 @@ def _read(link: Link, family: str, table: str, sets: list[str], intervals: list[
     return Snapshot(chains, shapes, others, elements, listed)
 
 
-READS = 6  # a hash set listed twice per element is read again, up to this many times
+READS = 6  # a dump that is not the whole set is read again, up to this many times
 
 
-def _elements(link: Link, family: str, table: str, name: str) -> dict[bytes, Element]:
+def _elements(link: Link, family: str, table: str, name: str, count: int | None) -> Elements:
     """A set's elements, read again while the kernel resizes its hash table (see
     nft_wire.Inconsistent); still inconsistent after READS reads: Unexpected (rebuild)."""
     for attempt in range(READS):
         try:
-            return nft_wire.decode_elements(name, link.elements(family, table, name))
+            return nft_wire.decode_elements(name, link.elements(family, table, name), count)
         except nft_wire.Inconsistent:
             if attempt == READS - 1:
                 raise

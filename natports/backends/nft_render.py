@@ -41,11 +41,11 @@ import base64
 import hashlib
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..model import IPAddress, Route, RouteKey, host_text
 from . import nft_wire
-from .nft_wire import Change, Element
+from .nft_wire import Change
 
 TABLE = "inet natports"  # family and name; tests use another name to stay apart
 HAIRPIN_MARK = 0x00100000  # packet mark bit: masquerade this flow in postrouting
@@ -353,17 +353,19 @@ class LiveTable:
 
     `counters`: route_id -> (packets, bytes), to carry them over a rebuild, when the
     table could not be read exactly. Otherwise `elements`: set or map name -> element
-    key -> element (its value and counter, in the kernel's bytes: nft_wire), for every
-    name in `element_sets()`; `chains`: the table's chains; `hairpin`: family -> the
-    address ranges its hairpin set holds; `rules_in_place`: the skeleton's chains hold
-    as many rules as it puts there (then they are not refilled, as in a switch).
+    key -> value (in the kernel's bytes: nft_wire; None in a set), for every name in
+    `element_sets()`, and `element_counters`: name -> key -> its counter (nft_wire);
+    `chains`: the table's chains; `hairpin`: family -> the address ranges its hairpin
+    set holds; `rules_in_place`: the skeleton's chains hold its rules (then they are
+    not refilled, as in a switch).
     """
 
     counters: dict[str, tuple[int, int]]
-    elements: dict[str, dict[bytes, Element]] | None = None
+    elements: dict[str, dict[bytes, bytes | None]] | None = None
     chains: frozenset[str] = frozenset()
     hairpin: dict[int, list[tuple[int, int]]] | None = None
     rules_in_place: bool = False
+    element_counters: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
 
 SKELETON_CHAINS = frozenset({"dispatch", "prerouting", "output", "postrouting"})
@@ -395,28 +397,38 @@ def _with_counter(item: str, found: tuple[int, int] | None) -> str:
     return f"{key} counter packets {found[0]} bytes {found[1]}{sep}{value}"
 
 
-# name -> key -> (value, the route it is for); keys and values in nft_wire's bytes
-Wanted = dict[str, dict[bytes, tuple[bytes | None, Route]]]
+@dataclass(frozen=True)
+class Wanted:
+    """What `desired` puts in each set or map: key -> value (nft_wire's bytes); with
+    `routes` (for text): key -> the route it is for, in route order."""
+
+    values: dict[str, dict[bytes, bytes | None]]
+    routes: dict[str, dict[bytes, Route]]
+    chained: list[Route]  # the routes that need a chain
 
 
-def wanted(desired: Sequence[Route], ordered: bool = True) -> tuple[Wanted, list[Route]]:
-    """set -> key -> value of `desired`, and the routes that need a chain; in route
-    order (`ordered`: text, which must not depend on the order of `desired`)."""
-    want: Wanted = {name: {} for name in element_sets()}
+def wanted(desired: Sequence[Route], text: bool = True) -> Wanted:
+    """The elements of `desired`; `text=False`: values only, in any order (a netlink
+    batch), which is what a full apply nobody reads needs."""
+    values: dict[str, dict[bytes, bytes | None]] = {name: {} for name in element_sets()}
+    routes: dict[str, dict[bytes, Route]] = {name: {} for name in element_sets()} if text else {}
     chained = []
-    for route in sorted(desired, key=Route.sort_key) if ordered else desired:
+    for route in sorted(desired, key=Route.sort_key) if text else desired:
         key, where, how = nft_wire.key_bytes(route.key), scope(route.key), kind(route)
+        found: list[tuple[str, bytes | None]] = []
         if how != "range":
-            want[f"count_{where}"][key] = (None, route)
-        if not route.backends:
-            continue
-        if how == "dnat":
-            want[f"dnat_{where}"][key] = (nft_wire.dnat_bytes(route), route)
-        else:
+            found.append((f"count_{where}", None))
+        if route.backends and how == "dnat":
+            found.append((f"dnat_{where}", nft_wire.dnat_bytes(route)))
+        elif route.backends:
             chain = chain_name(route.app, route.key)
-            want[f"{how}_{where}"][key] = (nft_wire.goto_bytes(chain), route)
+            found.append((f"{how}_{where}", nft_wire.goto_bytes(chain)))
             chained.append(route)
-    return want, chained
+        for name, value in found:
+            values[name][key] = value
+            if text:
+                routes[name][key] = route
+    return Wanted(values, routes, chained)
 
 
 def _item_of(name: str, route: Route) -> str:
@@ -424,19 +436,15 @@ def _item_of(name: str, route: Route) -> str:
     return element_key(route.key) if name.startswith("count_") else _element(route)
 
 
-_ABSENT = b"absent"  # a value no element holds: the kernel's are 8, 20 or a chain's name
-_NOTHING = Element(_ABSENT, None)
-
-
 def _diff(
-    held: dict[bytes, Element], target: dict[bytes, tuple[bytes | None, Route]]
-) -> tuple[list[bytes], dict[bytes, tuple[bytes | None, Route]]]:
-    """(keys held that go or change value, elements to add)."""
-    absent = (_ABSENT, None)
-    gone = [key for key, element in held.items() if target.get(key, absent)[0] != element.value]
+    held: dict[bytes, bytes | None], target: dict[bytes, bytes | None]
+) -> tuple[list[bytes], dict[bytes, bytes | None]]:
+    """(keys held that go or change value, elements to add); set operations on the
+    dicts' item views, in C: a full apply compares 20,000 elements and more."""
     if not held:
-        return gone, target
-    return gone, {k: t for k, t in target.items() if held.get(k, _NOTHING).value != t[0]}
+        return [], target
+    gone = [key for key, _ in held.items() - target.items()]
+    return gone, dict(target.items() - held.items())
 
 
 def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: str = TABLE) -> str:
@@ -456,7 +464,7 @@ def render_reconcile(live: LiveTable | None, desired: Sequence[Route], table: st
 
 def _render_changes(live: LiveTable, desired: Sequence[Route], table: str) -> str:
     assert live.elements is not None
-    want, chained = wanted(desired)
+    want = wanted(desired)
     lines = skeleton(table, refill=not live.rules_in_place)
     if not _hairpin_in_place(live, desired):
         lines += [f"flush set {table} {name}" for name in hairpin_sets()]
@@ -464,26 +472,27 @@ def _render_changes(live: LiveTable, desired: Sequence[Route], table: str) -> st
     adds: list[str] = []
     for name in element_sets():
         held = live.elements.get(name, {})
-        gone, target = _diff(held, want[name])
+        gone, added = _diff(held, want.values[name])
         if len(gone) > 64 and len(gone) * 2 > len(held):  # mostly replaced
             # One flush and the whole list parse far faster than naming each key
             # to delete; the counters of the elements that stay are carried over.
             lines.append(f"flush {'set' if name.startswith('count_') else 'map'} {table} {name}")
-            target = want[name]
+            added = want.values[name]
         elif gone:
             where = name.partition("_")[2]
-            keys = ", ".join(nft_wire.key_text(where, key) for key in gone)
+            keys = ", ".join(nft_wire.key_text(where, key) for key in sorted(gone))
             lines.append(f"delete element {table} {name} {{ {keys} }}")
-        if target:
-            items = []
-            for key, (_, route) in target.items():
-                counter = held[key].counter if key in held else None
-                items.append(_with_counter(_item_of(name, route), counter))
+        if added:
+            items = [
+                _with_counter(_item_of(name, route), _counter(live, name, key, route))
+                for key, route in want.routes[name].items()
+                if key in added
+            ]
             adds.append(f"add element {table} {name} {{ {', '.join(items)} }}")
-    keep = {chain_name(r.app, r.key) for r in chained}
+    keep = {chain_name(r.app, r.key) for r in want.chained}
     for name in sorted(live.chains - SKELETON_CHAINS - keep):
         lines += [f"flush chain {table} {name}", f"delete chain {table} {name}"]
-    for route in chained:
+    for route in want.chained:
         lines += _chain_lines(route, table)
     return "\n".join([*lines, *adds]) + "\n"
 
@@ -510,15 +519,14 @@ def element_changes(live: LiveTable | None, desired: Sequence[Route]) -> list[Ch
     """
     if live is None or live.elements is None or not live.rules_in_place:
         return None
-    want, chained = wanted(desired, ordered=False)  # a netlink batch has no text to order
-    if chained or live.chains != SKELETON_CHAINS or not _hairpin_in_place(live, desired):
+    want = wanted(desired, text=False)  # a netlink batch has no text to order
+    if want.chained or live.chains != SKELETON_CHAINS or not _hairpin_in_place(live, desired):
         return None
     changes = []
     for name in element_sets():
-        gone, target = _diff(live.elements.get(name, {}), want[name])
-        if gone or target:
-            added = tuple((key, value) for key, (value, _) in target.items())
-            changes.append(Change(name, tuple(gone), added))
+        gone, added = _diff(live.elements.get(name, {}), want.values[name])
+        if gone or added:
+            changes.append(Change(name, tuple(gone), tuple(added.items())))
     return changes
 
 
@@ -541,18 +549,18 @@ def render_build(desired: Sequence[Route], table: str = TABLE) -> Build:
     table left unfinished (natports killed between the steps) is not `intact()`: the
     agent completes it.
     """
-    want, chained = wanted(desired)
+    want = wanted(desired, text=False)  # the elements go over netlink: no text to order
     marked = skeleton(table)
     last = marked[-1]
     unmarked = last[: last.rindex(" comment ")]
     lines = [f"add table {table}", f"delete table {table}", *marked[:-1], unmarked]
     lines += _hairpin_lines(desired, table)
-    for route in chained:
+    for route in sorted(want.chained, key=Route.sort_key):
         lines += _chain_lines(route, table)
     changes = [
-        Change(name, (), tuple((key, value) for key, (value, _) in want[name].items()))
+        Change(name, (), tuple(want.values[name].items()))
         for name in element_sets()
-        if want[name]
+        if want.values[name]
     ]
     chain = last.split()[4]  # add rule <family> <table> <chain> ...
     mark = f"flush chain {table} {chain}\n{last}\n"
@@ -566,16 +574,16 @@ def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str 
     Elements go in one `add element` per map: nft parses a long list far faster
     than as many statements.
     """
-    want, chained = wanted(desired)
+    want = wanted(desired)
     lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
     lines += _hairpin_lines(desired, table)
-    for route in chained:
+    for route in want.chained:
         lines += _chain_lines(route, table)
     for name in element_sets():
-        if want[name]:
+        if want.routes[name]:
             items = [
                 _with_counter(_item_of(name, route), _counter(live, name, key, route))
-                for key, (_, route) in want[name].items()
+                for key, route in want.routes[name].items()
             ]
             lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     return "\n".join(lines) + "\n"
@@ -586,8 +594,8 @@ def _counter(live: LiveTable | None, name: str, key: bytes, route: Route) -> tup
     if live is None:
         return None
     if live.elements is not None:
-        element = live.elements.get(name, {}).get(key)
-        return None if element is None else element.counter
+        raw = live.element_counters.get(name, {}).get(key)
+        return None if raw is None else nft_wire.counter(raw)
     return live.counters.get(f"{name}:{element_key(route.key)}")
 
 

@@ -19,11 +19,14 @@ have made raises `Unexpected`.
 
 from __future__ import annotations
 
+import functools
+import re
 import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv6Address, ip_network
+from operator import itemgetter
 from typing import NamedTuple
 
 from ..model import Route, RouteKey
@@ -55,20 +58,32 @@ class Unexpected(Exception):
 
 
 class Inconsistent(Unexpected):
-    """A dump listed an element twice (and so missed as many): read it again.
+    """A dump is not the whole set: it listed an element twice, or fewer keys than the
+    set holds (NFTA_SET_COUNT). Read it again.
 
     The kernel lists a hash set in several rounds, each walking the set from the start
-    and skipping what earlier rounds sent. A resize of the hash table between rounds
-    (deferred work, right after many elements were added) changes the walk's order:
-    seen on 6.18, a dump of 10,001 elements right after they were added listed 10,001
-    records but 8,456 distinct keys. No generation changes, so NLM_F_DUMP_INTR does not
-    flag it; a second read is whole.
+    and skipping as many elements as earlier rounds walked. A resize of the hash table
+    (deferred work, right after many elements were added or deleted) changes the walk's
+    order, between rounds or within one: seen on 6.18, a dump of 10,001 elements right
+    after they were added listed 10,001 records but 8,456 distinct keys. No generation
+    changes, so NLM_F_DUMP_INTR does not flag it; a second read is whole.
     """
 
 
-class Element(NamedTuple):  # a tuple: 30,000 of them are made per read
-    value: bytes | None  # a map's value (a verdict map: the chain's name); None in a set
-    counter: tuple[int, int] | None  # (packets, bytes)
+class Elements(NamedTuple):
+    """A set's elements as read: key -> value (None in a set; a verdict map's value is
+    the chain's name), and key -> its counter's bytes for those with one (`counter`
+    reads them). Plain dicts of bytes, made in C where the dump has the kernel's
+    layout: a full apply compares them with the desired ones as dict views."""
+
+    values: dict[bytes, bytes | None]
+    counters: dict[bytes, bytes]
+
+
+def counter(raw: bytes) -> tuple[int, int]:
+    """(packets, bytes) of a counter as `Elements` keeps it: its byte count first, its
+    packet count last (both 64-bit, network order)."""
+    return int.from_bytes(raw[-8:], "big"), int.from_bytes(raw[:8], "big")
 
 
 # -- keys and values from routes ----------------------------------------------------------
@@ -178,37 +193,56 @@ def text(buf: bytes, span: tuple[int, int]) -> str:
 
 @dataclass(frozen=True)
 class _Layout:
-    """The fixed record the kernel writes for every element of one set (fast path)."""
+    """The fixed record the kernel writes for every element of one set (fast path): a
+    pattern for the whole list (checked in C) and one that takes each record apart."""
 
-    shape: struct.Struct
-    head: bytes  # the element's, its key's and its value's attribute headers
-    middle: bytes  # what lies between the key and the data: constant headers
-    tail: bytes  # the header between the counter's bytes and packets (counted sets)
+    whole: re.Pattern[bytes]
+    each: re.Pattern[bytes]
+    counted: bool  # records are (key, counter bytes, counter packets); else (key, value)
 
 
+def _key_pattern(where: str) -> bytes:
+    """A key natports makes: the address, then tcp or udp and a port (zero padding)."""
+    address = b"" if where.startswith("any") else b".{%d}" % (KEY_SIZES[where] - 8)
+    return address + b"[\x06\x11]\x00\x00\x00..\x00\x00"
+
+
+def _pattern(*parts: bytes | tuple[bytes]) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """(the whole list, one record) from constant bytes and `(pattern,)` captures."""
+    each = b"".join(re.escape(p) if isinstance(p, bytes) else b"(" + p[0] + b")" for p in parts)
+    bare = b"".join(re.escape(p) if isinstance(p, bytes) else p[0] for p in parts)
+    return re.compile(b"(?:" + bare + b")*", re.S), re.compile(each, re.S)
+
+
+@functools.cache
 def _layout(name: str) -> _Layout | None:
     kind, _, where = name.partition("_")
     key = KEY_SIZES[where]
     if kind == "count":  # key, then the one counter expression: 56 + key bytes
         head = _ATTR.pack(56 + key, 1) + _ATTR.pack(8 + key, 1) + _ATTR.pack(4 + key, 1)
         middle = _ATTR.pack(44, 7) + _COUNTER_NAME + _ATTR.pack(28, 2) + _ATTR.pack(12, 1)
-        return _Layout(struct.Struct(f"=12s{key}s24s8s4s8s"), head, middle, _ATTR.pack(12, 2))
+        counted = b".{8}" + re.escape(_ATTR.pack(12, 2)) + b".{8}"  # bytes, packets
+        whole, each = _pattern(head, (_key_pattern(where),), middle, (counted,))
+        return _Layout(whole, each, True)
     if kind == "dnat":  # key, then the value: address and port
         value = (4 if where.endswith("4") else 16) + 4
         head = _ATTR.pack(20 + key + value, 1) + _ATTR.pack(8 + key, 1) + _ATTR.pack(4 + key, 1)
         middle = _ATTR.pack(8 + value, 2) + _ATTR.pack(4 + value, 1)
-        return _Layout(struct.Struct(f"=12s{key}s8s{value}s"), head, middle, b"")
+        whole, each = _pattern(head, (_key_pattern(where),), middle, (b".{%d}" % value,))
+        return _Layout(whole, each, False)
     return None  # verdict maps hold a chain's name: few elements, walked
 
 
-def decode_elements(name: str, payloads: Sequence[bytes]) -> dict[bytes, Element]:
-    """key bytes -> element, for one of nft_render's sets or maps (its GETSETELEM dump).
-    Anything malformed raises `Unexpected` (the caller then rebuilds the table)."""
+def decode_elements(name: str, payloads: Sequence[bytes], count: int | None = None) -> Elements:
+    """The elements of one of nft_render's sets or maps, from its GETSETELEM dump;
+    `count`: how many the set holds (`decode_count`), if the kernel said. Anything
+    malformed raises `Unexpected` (the caller then rebuilds the table), a dump that
+    is not the whole set `Inconsistent` (the caller reads again)."""
     kind, _, where = name.partition("_")
     if kind not in ("dnat", "goto", "range", "count") or where not in KEY_SIZES:
         raise Unexpected(f"set {name}")
     try:
-        result: dict[bytes, Element] = {}
+        found = Elements({}, {})
         layout = _layout(name)
         records = 0
         for payload in payloads:
@@ -216,40 +250,31 @@ def decode_elements(name: str, payloads: Sequence[bytes]) -> dict[bytes, Element
             if 3 not in top:
                 continue
             at, end = top[3]
-            read = _read_records(layout, payload, at, end, result) if layout else 0
-            records += read or _walk(name, payload, at, end, result)
-        if records != len(result):
-            raise Inconsistent(f"set {name}: {records} elements listed, {len(result)} keys")
-        return result
+            read = _read_records(layout, payload, at, end, found) if layout else 0
+            records += read or _walk(name, payload, at, end, found)
+        keys = len(found.values)
+        if records != keys or count not in (None, keys):
+            raise Inconsistent(f"set {name}: {count} elements, {records} listed, {keys} keys")
+        return found
     except (struct.error, ValueError, UnicodeDecodeError) as exc:  # a truncated attribute
         raise Unexpected(f"set {name}: {exc}") from None
 
 
-def _read_records(
-    layout: _Layout, payload: bytes, at: int, end: int, into: dict[bytes, Element]
-) -> int:
+def _read_records(layout: _Layout, payload: bytes, at: int, end: int, into: Elements) -> int:
     """Read a list of identical records in place: how many; 0 (nothing read) if it is
     not such a list."""
-    if (end - at) % layout.shape.size or end == at:
+    if end == at or layout.whole.fullmatch(payload, at, end) is None:
         return 0
-    found: dict[bytes, Element] = {}
-    records = layout.shape.iter_unpack(memoryview(payload)[at:end])
-    head, middle, tail = layout.head, layout.middle, layout.tail
-    if tail:  # key, counter bytes, counter packets
-        for h, key, m, size, t, packets in records:
-            if h != head or m != middle or t != tail or key[-8] not in PROTOCOLS:
-                return 0
-            found[key] = Element(None, (_U64.unpack(packets)[0], _U64.unpack(size)[0]))
-    else:  # key, value
-        for h, key, m, value in records:
-            if h != head or m != middle or key[-8] not in PROTOCOLS:
-                return 0
-            found[key] = Element(value, None)
-    into.update(found)
-    return (end - at) // layout.shape.size
+    records = layout.each.findall(payload, at, end)  # (key, value or counter bytes)
+    if layout.counted:
+        into.values.update(dict.fromkeys(map(itemgetter(0), records)))
+        into.counters.update(records)
+    else:
+        into.values.update(records)
+    return len(records)
 
 
-def _walk(name: str, payload: bytes, at: int, end: int, into: dict[bytes, Element]) -> int:
+def _walk(name: str, payload: bytes, at: int, end: int, into: Elements) -> int:
     """Any attribute order: each element walked attribute by attribute. How many."""
     size_of_key = KEY_SIZES[name.partition("_")[2]]
     count = 0
@@ -266,7 +291,10 @@ def _walk(name: str, payload: bytes, at: int, end: int, into: dict[bytes, Elemen
         value = None
         if 2 in elem:
             value = _verdict(payload, elem[2]) if name[0] != "d" else _value(payload, elem, 2)
-        into[key] = Element(value, _counter(payload, elem))
+        into.values[key] = value
+        found = _counter(payload, elem)
+        if found is not None:
+            into.counters[key] = _U64.pack(found[1]) + _U64.pack(found[0])
     return count
 
 
@@ -362,6 +390,15 @@ def shape(name: str) -> Shape:
         return Shape(NFT_SET_MAP, *key, (7 if v4 else 8) << 6 | 13, 8 if v4 else 20, False)
     flags = NFT_SET_MAP | (NFT_SET_INTERVAL | NFT_SET_CONCAT if kind == "range" else 0)
     return Shape(flags, *key, NFT_DATA_VERDICT, 16, kind == "range")
+
+
+def decode_count(payload: bytes, top: dict[int, tuple[int, int]]) -> int | None:
+    """A GETSET message's NFTA_SET_COUNT: how many elements the set holds (kernels
+    since 2025 say; None where it does not)."""
+    if 20 not in top or top[20][1] - top[20][0] != 4:
+        return None
+    count: int = _U32.unpack_from(payload, top[20][0])[0]
+    return count
 
 
 def decode_shape(payload: bytes, top: dict[int, tuple[int, int]]) -> Shape:

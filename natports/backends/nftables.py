@@ -202,7 +202,14 @@ class NftBackend:
             int(set_name[-1]): nft_wire.ranges_of_elements(listed)
             for set_name, listed in snap.intervals.items()
         }
-        return LiveTable({}, snap.elements, snap.chains, hairpin, self._skeleton_in_place())
+        return LiveTable(
+            {},
+            {name: found.values for name, found in snap.elements.items()},
+            snap.chains,
+            hairpin,
+            self._skeleton_in_place(),
+            {name: found.counters for name, found in snap.elements.items()},
+        )
 
     def intact(self, routes: Sequence[Route] = ()) -> bool:
         """One cheap read: the skeleton's chains exist (with netlink reads: and hold as
@@ -312,11 +319,10 @@ SKELETON_CHAINS = nft_render.SKELETON_CHAINS
 def _snapshot_counters(snap: nft_netlink.Snapshot) -> dict[str, tuple[int, int]]:
     """route_id -> (packets, bytes) from the `count_` sets and `range_` maps read."""
     return {
-        f"{name}:{nft_wire.key_text(name.partition('_')[2], key)}": element.counter
+        f"{name}:{nft_wire.key_text(name.partition('_')[2], key)}": nft_wire.counter(raw)
         for name, found in snap.elements.items()
         if name.startswith(("count_", "range_"))
-        for key, element in found.items()
-        if element.counter is not None
+        for key, raw in found.counters.items()
     }
 
 

@@ -15,7 +15,7 @@ from ipaddress import ip_address
 import pytest
 
 from natports.backends import nft_wire
-from natports.backends.nft_wire import Change, Element, Unexpected, decode_elements
+from natports.backends.nft_wire import Change, Elements, Unexpected, decode_elements
 from natports.model import Backend, Protocol, Route, RouteKey
 
 
@@ -69,7 +69,8 @@ def test_a_counted_key_reads_the_same_in_either_order(
     )
     key = attr(1, value(SMTP))
     found = decode_elements("count_any4", dump("count_any4", first + key + counter(3, 180)))
-    assert found == {SMTP: Element(None, (3, 180))}
+    assert found.values == {SMTP: None}
+    assert {k: nft_wire.counter(raw) for k, raw in found.counters.items()} == {SMTP: (3, 180)}
     assert walked == ([] if first == b"" else ["count_any4"])  # the kernel's layout: in place
 
 
@@ -79,7 +80,7 @@ def test_a_dnat_element_of_an_address_key(first: bytes) -> None:
     key = attr(1, value(host + proto_port(17, 53)))
     target = socket.inet_aton("172.17.0.2") + proto_port(0, 5053)[4:]
     found = decode_elements("dnat_addr4", dump("dnat_addr4", first + key + attr(2, value(target))))
-    assert found == {host + proto_port(17, 53): Element(target, None)}
+    assert found == Elements({host + proto_port(17, 53): target}, {})
     assert nft_wire.key_text("addr4", host + proto_port(17, 53)) == "203.0.113.7 . udp . 53"
     assert nft_wire.value_text("dnat_addr4", target) == "172.17.0.2 . 5053"
 
@@ -89,7 +90,7 @@ def test_a_range_and_a_goto_verdict_are_walked() -> None:
     element = attr(1, value(SMTP)) + attr(10, value(proto_port(6, 30))) + attr(2, verdict)
     found = decode_elements("range_any4", dump("range_any4", element + counter(5, 500)))
     key = SMTP + proto_port(6, 30)
-    assert found == {key: Element(b"r_ftp_abc", (5, 500))}
+    assert found.values == {key: b"r_ftp_abc"} and nft_wire.counter(found.counters[key]) == (5, 500)
     assert nft_wire.key_text("any4", key) == "tcp . 25-30"
     assert nft_wire.value_text("range_any4", b"r_ftp_abc") == "goto r_ftp_abc"
 
@@ -121,7 +122,7 @@ def test_malformed_attributes_are_unexpected_not_a_crash_or_a_hang() -> None:
     with pytest.raises(Unexpected):
         nft_wire.value_text(
             "dnat_any6",
-            nft_wire.decode_elements("dnat_any6", dump("dnat_any6", key + data))[SMTP].value,
+            nft_wire.decode_elements("dnat_any6", dump("dnat_any6", key + data)).values[SMTP],
         )
 
 
@@ -149,7 +150,7 @@ def test_an_element_is_encoded_as_nft_would_and_reads_back() -> None:
         encoded = next(nft_wire._encoded(name, [(key, data)]))
         assert encoded == nft_wire._element(name, key, data)
         payload = attr(1, b"t\0") + attr(2, name.encode() + b"\0") + attr(3, encoded)
-        assert decode_elements(name, [payload]) == {key: Element(data, None)}
+        assert decode_elements(name, [payload]) == Elements({key: data}, {})
     assert nft_wire._element("dnat_any4", SMTP, target) == (
         struct.pack("=HH", 36, 0x8001)  # NFTA_LIST_ELEM, nested
         + struct.pack("=HHHH", 16, 0x8001, 12, 1)
@@ -204,7 +205,7 @@ def test_a_dump_that_lists_an_element_twice_is_inconsistent() -> None:
     """Twice listed means another element was missed: the caller reads again."""
     key = attr(1, value(SMTP)) + counter(0, 0)
     other = attr(1, value(proto_port(6, 26))) + counter(0, 0)
-    assert len(decode_elements("count_any4", dump("count_any4", key, other))) == 2
+    assert len(decode_elements("count_any4", dump("count_any4", key, other)).values) == 2
     with pytest.raises(nft_wire.Inconsistent):
         decode_elements("count_any4", dump("count_any4", key, other) + dump("count_any4", key))
     with pytest.raises(nft_wire.Inconsistent):  # the walked layout counts too
@@ -228,3 +229,17 @@ def test_acknowledgements_of_the_batch_alone_count() -> None:
     assert waiting == {9}  # seq 42 is not this batch's, and its error is not either
     assert Link._acknowledged(ack(9, 2), range(7, 11), waiting) == 2
     assert waiting == set()
+
+
+def test_a_dump_with_fewer_keys_than_the_set_holds_is_inconsistent() -> None:
+    """A resize within a round of the kernel's walk skips elements without listing any
+    twice: the set's own count (NFTA_SET_COUNT) tells."""
+    key = attr(1, value(SMTP)) + counter(0, 0)
+    other = attr(1, value(proto_port(6, 26))) + counter(0, 0)
+    assert len(decode_elements("count_any4", dump("count_any4", key, other), 2).values) == 2
+    with pytest.raises(nft_wire.Inconsistent):
+        decode_elements("count_any4", dump("count_any4", key, other), 3)
+    assert len(decode_elements("count_any4", dump("count_any4", key), None).values) == 1
+    top = {20: (4, 8)}
+    assert nft_wire.decode_count(b"\0" * 4 + struct.pack(">I", 30000), top) == 30000
+    assert nft_wire.decode_count(b"", {}) is None  # an older kernel: no count
