@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 from . import nft_wire
-from .nft_wire import Elements, Shape, Unexpected, attrs, text
+from .nft_wire import HDR, Elements, Shape, Unexpected, attrs, text
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -40,7 +40,6 @@ GETCHAIN, GETRULE, GETSET, GETSETELEM, GETOBJ, GETFLOWTABLE = 4, 7, 10, 13, 19, 
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFT_SET_ANONYMOUS = 0x1
-_HDR = struct.Struct("=IHHII")
 
 __all__ = ["Elements", "Link", "Shape", "Snapshot", "Unexpected", "commit", "rules", "snapshot"]
 
@@ -63,11 +62,6 @@ class Snapshot:
     @property
     def sets(self) -> frozenset[str]:
         return frozenset(self.shapes)
-
-
-def _attr(kind: int, data: bytes) -> bytes:
-    size = 4 + len(data)
-    return struct.pack("=HH", size, kind) + data + b"\0" * (-size % 4)
 
 
 class Link:
@@ -95,7 +89,7 @@ class Link:
         """The payloads (after nfgenmsg) of one dump; [] when the object does not exist."""
         self._seq += 1
         body = struct.pack("=BBH", NFPROTO[family], 0, 0) + request
-        head = _HDR.pack(16 + len(body), SUBSYS | msg, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
+        head = HDR.pack(16 + len(body), SUBSYS | msg, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
         self._sock.send(head + body)
         out: list[bytes] = []
         view = memoryview(self._buf)
@@ -104,7 +98,7 @@ class Link:
             data = bytes(view[:size])
             at = 0
             while at + 16 <= size:
-                length, kind, flags, seq, _ = _HDR.unpack_from(data, at)
+                length, kind, flags, seq, _ = HDR.unpack_from(data, at)
                 if length < 16:
                     raise Unexpected("malformed netlink message")
                 if seq == self._seq:
@@ -156,7 +150,7 @@ class Link:
         Answers to anything else (`seqs` are the batch's) are not this batch's."""
         error, at = 0, 0
         while at + 20 <= len(data):
-            length, kind, _, _, _ = _HDR.unpack_from(data, at)
+            length, kind, _, _, _ = HDR.unpack_from(data, at)
             if length < 16:
                 raise Unexpected("malformed netlink message")
             if kind == NLMSG_ERROR and at + 32 <= len(data):
@@ -174,7 +168,7 @@ class Link:
 
     def listed(self, msg: int, family: str, table: str, name_attr: int) -> list[Listed]:
         """The objects of one kind in `table` (of sets: their shape and count too)."""
-        request = _attr(1, table.encode() + b"\0")
+        request = nft_wire.named(table)
         result = []
         for payload in self.dump(msg, family, request):
             top = attrs(payload, 0, len(payload))
@@ -191,8 +185,7 @@ class Link:
 
     def elements(self, family: str, table: str, name: str) -> list[bytes]:
         """The payloads of a set's GETSETELEM dump."""
-        request = _attr(1, table.encode() + b"\0") + _attr(2, name.encode() + b"\0")
-        return self.dump(GETSETELEM, family, request)
+        return self.dump(GETSETELEM, family, nft_wire.named(table, name))
 
 
 _shared: Link | None = None
@@ -240,8 +233,7 @@ def rules(
     def read(link: Link) -> dict[str, list[bytes]]:
         found = {}
         for chain in chains:
-            request = _attr(1, table.encode() + b"\0") + _attr(2, chain.encode() + b"\0")
-            found[chain] = link.dump(GETRULE, family, request)
+            found[chain] = link.dump(GETRULE, family, nft_wire.named(table, chain))
         return found
 
     return _using_link(timeout, read)

@@ -552,11 +552,9 @@ def render_build(desired: Sequence[Route], table: str = TABLE) -> Build:
     want = wanted(desired, text=False)  # the elements go over netlink: no text to order
     marked = skeleton(table)
     last = marked[-1]
-    unmarked = last[: last.rindex(" comment ")]
-    lines = [f"add table {table}", f"delete table {table}", *marked[:-1], unmarked]
-    lines += _hairpin_lines(desired, table)
-    for route in sorted(want.chained, key=Route.sort_key):
-        lines += _chain_lines(route, table)
+    unmarked = [*marked[:-1], last[: last.rindex(" comment ")]]
+    chained = sorted(want.chained, key=Route.sort_key)
+    lines = _from_nothing(unmarked, desired, chained, table)
     changes = [
         Change(name, (), tuple(want.values[name].items()))
         for name in element_sets()
@@ -575,10 +573,7 @@ def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str 
     than as many statements.
     """
     want = wanted(desired)
-    lines = [f"add table {table}", f"delete table {table}", *skeleton(table)]
-    lines += _hairpin_lines(desired, table)
-    for route in want.chained:
-        lines += _chain_lines(route, table)
+    lines = _from_nothing(skeleton(table), desired, want.chained, table)
     for name in element_sets():
         if want.routes[name]:
             items = [
@@ -587,6 +582,18 @@ def render_rebuild(live: LiveTable | None, desired: Sequence[Route], table: str 
             ]
             lines.append(f"add element {table} {name} {{ {', '.join(items)} }}")
     return "\n".join(lines) + "\n"
+
+
+def _from_nothing(
+    skeleton_lines: list[str], desired: Sequence[Route], chained: list[Route], table: str
+) -> list[str]:
+    """A table made again from nothing, but for its route elements: whatever held the
+    name goes, then the skeleton, the hairpin subnets and the route chains."""
+    lines = [f"add table {table}", f"delete table {table}", *skeleton_lines]
+    lines += _hairpin_lines(desired, table)
+    for route in chained:
+        lines += _chain_lines(route, table)
+    return lines
 
 
 def _counter(live: LiveTable | None, name: str, key: bytes, route: Route) -> tuple[int, int] | None:

@@ -42,7 +42,7 @@ NFT_SET_ELEM_INTERVAL_END = 0x1
 PROTOCOLS = {6: "tcp", 17: "udp"}
 PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOLS.items()}
 
-_HDR = struct.Struct("=IHHII")
+HDR = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _ATTR = struct.Struct("=HH")
 _U64 = struct.Struct(">Q")
 _I32 = struct.Struct(">i")
@@ -156,6 +156,13 @@ def value_text(name: str, raw: bytes | None) -> str | None:
 
 
 # -- decoding a GETSETELEM dump -------------------------------------------------------------
+
+
+def named(table: str, name: str | None = None) -> bytes:
+    """The attributes that name a table (1) and one of its objects (2): how chains,
+    sets and rules are asked for and addressed."""
+    head = _attr(1, table.encode() + b"\0")
+    return head if name is None else head + _attr(2, name.encode() + b"\0")
 
 
 def _attr(kind: int, data: bytes) -> bytes:
@@ -524,13 +531,13 @@ def _messages(
     family: str, table: str, name: str, kind: int, flags: int, elements: Iterator[bytes]
 ) -> Iterator[bytes]:
     """NEWSETELEM or DELSETELEM messages, each list kept under an attribute's 64 KiB."""
-    head = _attr(1, table.encode() + b"\0") + _attr(2, name.encode() + b"\0")
+    head = named(table, name)
     chunk: list[bytes] = []
     size = 0
 
     def message() -> bytes:
         body = struct.pack("=BBH", NFPROTO[family], 0, 0) + head + _nest(3, b"".join(chunk))
-        return _HDR.pack(16 + len(body), SUBSYS | kind, flags, 0, 0) + body
+        return HDR.pack(16 + len(body), SUBSYS | kind, flags, 0, 0) + body
 
     for element in elements:
         if size + len(element) > MAX_ELEMENTS_ATTR:
@@ -565,12 +572,12 @@ def encode_batch(family: str, table: str, changes: Sequence[Change], first_seq: 
         messages += _messages(family, table, change.name, NEWSETELEM, flags, adds)
     seq = first_seq
     batch_head = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(SUBSYS >> 8))
-    out = [_HDR.pack(16 + len(batch_head), BATCH_BEGIN, NLM_F_REQUEST, seq, 0) + batch_head]
+    out = [HDR.pack(16 + len(batch_head), BATCH_BEGIN, NLM_F_REQUEST, seq, 0) + batch_head]
     acks = []
     for message in messages:
         seq += 1
         acks.append(seq)
         out.append(message[:8] + struct.pack("=I", seq) + message[12:])
     seq += 1
-    out.append(_HDR.pack(16 + len(batch_head), BATCH_END, NLM_F_REQUEST, seq, 0) + batch_head)
+    out.append(HDR.pack(16 + len(batch_head), BATCH_END, NLM_F_REQUEST, seq, 0) + batch_head)
     return Batch(b"".join(out), frozenset(acks), range(first_seq, seq + 1))
